@@ -1,0 +1,13 @@
+//! The DiReDi cloud worker: the manufacturer's side of the system.
+//!
+//! - [`pipeline`]: dataset + split → teacher → distilled student → signed ONNX package.
+//! - [`onnx_eval`]: evaluating a packaged model through ONNX Runtime, as gateways run it.
+//! - [`bench`]: inference speed of a packaged model (figures for the README's claims).
+//! - [`keys`]: signing keys on disk.
+//! - [`simulate`]: replays a dataset's recordings over MQTT as sensors would.
+
+pub mod bench;
+pub mod keys;
+pub mod onnx_eval;
+pub mod pipeline;
+pub mod simulate;

@@ -1,0 +1,505 @@
+//! diredi-gateway: the edge daemon. Sensor data arrives over MQTT, is windowed per sensor,
+//! classified by the ONNX model in micro-batches and the results are published back.
+//!
+//! Data flow:
+//!
+//! ```text
+//! MQTT in ─► mqtt (event loop: route only) ─► pipeline (decode threads: decode, window)
+//!        ─► batcher (bounded queue, micro-batches) ─► inference (threads: ONNX Runtime)
+//!        ─► report::Publisher ─► MQTT out
+//! ```
+//!
+//! | module | role |
+//! |---|---|
+//! | [`config`] | raw TOML/env configuration → validated [`Config`], reporting every problem |
+//! | [`logging`] | journald or terminal output, filter from config or `RUST_LOG` |
+//! | [`broker`] | the embedded rumqttd broker |
+//! | [`mqtt`] | connections (local link, uplink): event loop, reconnection backoff, routing into the decode queues |
+//! | [`pipeline`] | decode threads: payload decoding, per-sensor state, sensor limit |
+//! | [`window`] | sans-IO per-sensor windowing and standardisation, timestamp gaps |
+//! | [`batcher`] | bounded window queue with drop policy, micro-batching, buffer pool |
+//! | [`inference`] | inference threads: classify batches, publish results |
+//! | [`model`] | manifest verification, ONNX Runtime loading, the swap point |
+//! | [`metrics`] | counters, latency percentiles, RSS; the metrics message |
+//! | [`ratelimit`] | sans-IO per-sensor budget for error messages |
+//! | [`report`] | the publisher abstraction and the error topic |
+//! | [`status`] | retained online/offline status, announcements on connect |
+//! | [`homeassistant`] | Home Assistant MQTT discovery configs (sans-IO) |
+//! | [`notify`] | systemd READY/WATCHDOG/STOPPING and pipeline health |
+//!
+//! [`run`] takes the validated configuration and a shutdown token, so tests drive the whole
+//! gateway in-process; [`run_with`] also accepts a ready model (a fake classifier in tests).
+
+pub mod batcher;
+pub mod broker;
+pub mod config;
+pub mod homeassistant;
+pub mod inference;
+pub mod logging;
+pub mod metrics;
+pub mod model;
+pub mod mqtt;
+pub mod notify;
+pub mod pipeline;
+pub mod ratelimit;
+pub mod report;
+pub mod status;
+pub mod window;
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc::sync_channel;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use diredi_protocol::messages::GatewayState;
+use diredi_protocol::sensor::DecodeLimits;
+use rumqttc::{AsyncClient, EventLoop};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::batcher::{BufferPool, WindowQueue};
+use crate::broker::BrokerError;
+pub use crate::config::Config;
+use crate::inference::{BatchSettings, Worker};
+use crate::metrics::{Metrics, QueueLevels};
+use crate::model::{LoadedModel, ModelError, ModelHandle};
+use crate::mqtt::{Announce, Backoff, Intake, Link, LinkState};
+use crate::notify::{ExitGuard, Health, LoopHealth, Notifier, Systemd, ThreadHealth};
+use crate::pipeline::{run_shard, unix_ms, SensorRegistry, Shard, ShardSettings};
+use crate::report::{Publisher, Reporter};
+use crate::status::{Identity, OutMessage};
+
+/// Why the gateway stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    /// The model could not be loaded.
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    /// The embedded broker could not start.
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+    /// A thread could not be started.
+    #[error("cannot start thread {name}: {source}")]
+    Thread {
+        /// Thread name.
+        name: String,
+        /// OS error.
+        source: std::io::Error,
+    },
+    /// Part of the pipeline died.
+    #[error("pipeline failed: {0}")]
+    Pipeline(String),
+}
+
+/// How [`run_with`] runs.
+pub struct RunOptions {
+    /// Use this model instead of loading `[model]` (tests, benchmarks).
+    pub model: Option<LoadedModel>,
+    /// Where READY/WATCHDOG/STOPPING go.
+    pub notifier: Arc<dyn Notifier>,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        RunOptions {
+            model: None,
+            notifier: Arc::new(Systemd),
+        }
+    }
+}
+
+/// Runs the gateway until `shutdown` is cancelled, then drains and stops cleanly.
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), GatewayError> {
+    run_with(config, RunOptions::default(), shutdown).await
+}
+
+struct Connection {
+    client: AsyncClient,
+    state: Arc<LinkState>,
+    stop: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+fn spawn_link(link: Link, client: AsyncClient, eventloop: EventLoop) -> Connection {
+    let stop = CancellationToken::new();
+    let state = link.state.clone();
+    let task = tokio::spawn(link.run(client.clone(), eventloop, stop.clone()));
+    Connection {
+        client,
+        state,
+        stop,
+        task,
+    }
+}
+
+fn link_state(cfg: &config::MqttConfig) -> Arc<LinkState> {
+    // The loop comes back at least every keep-alive or reconnection delay, plus the
+    // connection timeout of rumqttc (5 s).
+    let max_silence = cfg.keep_alive.max(cfg.reconnect_max) + Duration::from_secs(15);
+    Arc::new(LinkState {
+        connected: AtomicBool::new(false),
+        ready: watch::channel(false).0,
+        health: LoopHealth::new(max_silence),
+    })
+}
+
+/// Runs the gateway with `options`; see [`run`].
+pub async fn run_with(
+    config: Config,
+    options: RunOptions,
+    shutdown: CancellationToken,
+) -> Result<(), GatewayError> {
+    let notifier = options.notifier;
+    let identity = Identity {
+        gateway_id: config.gateway_id.clone(),
+        started_at: unix_ms(),
+    };
+    let topics = config.topics.clone();
+
+    // Model first: without one there is nothing to serve.
+    let model = match options.model {
+        Some(m) => m,
+        None => {
+            notifier.status("Loading the model");
+            let (mc, rc) = (config.model.clone(), config.runtime.clone());
+            tokio::task::spawn_blocking(move || model::load(&mc, &rc))
+                .await
+                .map_err(|e| GatewayError::Pipeline(format!("model loading task failed: {e}")))??
+        }
+    };
+    {
+        let s = model.spec();
+        tracing::info!(
+            model_id = %s.model_id, version = s.version, channels = s.channels.len(),
+            window = s.window, stride = s.stride, classes = s.classes.len(),
+            provider = model.execution_provider(), key_id = %s.key_id,
+            "Model loaded."
+        );
+    }
+    let model: ModelHandle = Arc::new(ArcSwap::from_pointee(model));
+
+    let _broker = match &config.broker {
+        Some(b) => Some(broker::start(b)?),
+        None => None,
+    };
+
+    let metrics = Arc::new(Metrics::new());
+    let health = Arc::new(Health::new());
+    let data_qos = report::qos(config.mqtt.qos);
+
+    // Local connection: created now so the pipeline can publish through its client.
+    let offline = status::status_message(
+        &topics.status(),
+        &identity,
+        GatewayState::Offline,
+        Some(&model.load()),
+    );
+    let (client, eventloop) = AsyncClient::new(
+        mqtt::options(&config.mqtt, &offline),
+        config.mqtt.request_capacity,
+    );
+    let publisher: Arc<dyn Publisher> = Arc::new(client.clone());
+    let reporter = Reporter::new(publisher.clone(), topics.error(), data_qos, metrics.clone());
+
+    // Pipeline threads.
+    let p = &config.pipeline;
+    let queue = Arc::new(WindowQueue::new(p.queue_capacity, p.queue_policy));
+    let pool = Arc::new(BufferPool::new(
+        p.queue_capacity + config.runtime.workers * config.runtime.max_batch + 64,
+    ));
+    let registry = Arc::new(SensorRegistry::new(p.max_sensors));
+    let intake_open = Arc::new(AtomicBool::new(true));
+    let pending = Arc::new(AtomicUsize::new(0));
+    let settings = ShardSettings {
+        limits: DecodeLimits {
+            max_payload_bytes: p.max_payload_bytes,
+            max_samples: p.max_samples_per_message,
+        },
+        max_gap_periods: p.max_gap_periods,
+        errors_per_second: config.errors_per_sensor_per_second,
+        discovery_prefix: config.homeassistant.clone(),
+    };
+    let (decoders_done_tx, mut decoders_done) = mpsc::channel::<()>(1);
+    let mut shard_txs = Vec::with_capacity(p.decode_threads);
+    for i in 0..p.decode_threads {
+        let (tx, rx) = sync_channel(p.ingest_capacity);
+        shard_txs.push(tx);
+        let shard = Shard::new(
+            topics.clone(),
+            settings.clone(),
+            model.clone(),
+            registry.clone(),
+            queue.clone(),
+            pool.clone(),
+            reporter.clone(),
+            metrics.clone(),
+        );
+        let name = format!("decode-{i}");
+        let th = ThreadHealth::new(name.clone());
+        health.add_thread(th.clone());
+        let (open, pending, done) = (
+            intake_open.clone(),
+            pending.clone(),
+            decoders_done_tx.clone(),
+        );
+        std::thread::Builder::new()
+            .name(name.clone())
+            .spawn(move || {
+                let _exit = ExitGuard(th.clone());
+                let _done = done;
+                run_shard(shard, rx, open, pending, th);
+            })
+            .map_err(|source| GatewayError::Thread { name, source })?;
+    }
+    drop(decoders_done_tx);
+
+    let (workers_done_tx, mut workers_done) = mpsc::channel::<()>(1);
+    let batch = BatchSettings {
+        max_batch: config.runtime.max_batch,
+        max_wait: config.runtime.max_wait,
+        qos: data_qos,
+    };
+    for i in 0..config.runtime.workers {
+        let name = format!("inference-{i}");
+        let th = ThreadHealth::new(name.clone());
+        health.add_thread(th.clone());
+        let worker = Worker::new(
+            queue.clone(),
+            pool.clone(),
+            model.clone(),
+            publisher.clone(),
+            metrics.clone(),
+            batch,
+            th.clone(),
+        );
+        let done = workers_done_tx.clone();
+        std::thread::Builder::new()
+            .name(name.clone())
+            .spawn(move || {
+                let _exit = ExitGuard(th);
+                let _done = done;
+                worker.run();
+            })
+            .map_err(|source| GatewayError::Thread { name, source })?;
+    }
+    drop(workers_done_tx);
+
+    // Local link.
+    let announce: Announce = {
+        let (model, identity, topic) = (model.clone(), identity.clone(), topics.status());
+        let (prefix, registry) = (config.homeassistant.clone(), registry.clone());
+        Arc::new(move || {
+            let sensors = registry.ids();
+            let discovery = prefix.as_deref().map(|prefix| status::Discovery {
+                prefix,
+                sensors: &sensors,
+            });
+            status::announcements(&topic, &identity, &model.load(), discovery)
+        })
+    };
+    let uplink_announce: Announce = {
+        let (model, identity, topic) = (model.clone(), identity.clone(), topics.status());
+        Arc::new(move || status::announcements(&topic, &identity, &model.load(), None))
+    };
+    let state = link_state(&config.mqtt);
+    health.add_loop("local", state.health.clone());
+    let mut ready = state.ready.subscribe();
+    let local = spawn_link(
+        Link {
+            name: "local",
+            subscriptions: vec![(topics.sensor_filter(), data_qos)],
+            announce,
+            reannounce_on: config
+                .homeassistant
+                .as_deref()
+                .map(homeassistant::birth_topic),
+            intake: Some(Intake::new(
+                topics.clone(),
+                shard_txs,
+                intake_open.clone(),
+                pending.clone(),
+                metrics.clone(),
+                reporter.clone(),
+                config.errors_per_sensor_per_second,
+            )),
+            backoff: Backoff::new(config.mqtt.reconnect_min, config.mqtt.reconnect_max),
+            state,
+        },
+        client,
+        eventloop,
+    );
+
+    // Uplink: status only for now.
+    let uplink = config.uplink.as_ref().map(|u| {
+        let (client, eventloop) = AsyncClient::new(mqtt::options(u, &offline), u.request_capacity);
+        let state = link_state(u);
+        health.add_loop("uplink", state.health.clone());
+        spawn_link(
+            Link {
+                name: "uplink",
+                subscriptions: Vec::new(),
+                announce: uplink_announce.clone(),
+                reannounce_on: None,
+                intake: None,
+                backoff: Backoff::new(u.reconnect_min, u.reconnect_max),
+                state,
+            },
+            client,
+            eventloop,
+        )
+    });
+
+    let tasks_stop = CancellationToken::new();
+    if let Some(interval) = config.metrics_interval {
+        tokio::spawn(metrics_task(
+            publisher.clone(),
+            topics.metrics(),
+            data_qos,
+            metrics.clone(),
+            queue.clone(),
+            pending.clone(),
+            interval,
+            tasks_stop.clone(),
+        ));
+    }
+    tokio::spawn(notify::watchdog(
+        notifier.clone(),
+        health.clone(),
+        tasks_stop.clone(),
+    ));
+
+    notifier.status("Connecting to the broker");
+    let mut is_ready = false;
+    let mut check = tokio::time::interval(Duration::from_millis(500));
+    let outcome = loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break Ok(()),
+            r = ready.wait_for(|r| *r), if !is_ready => {
+                if r.is_ok() {
+                    is_ready = true;
+                    notifier.ready();
+                    notifier.status("Serving");
+                    tracing::info!(gateway_id = %identity.gateway_id, topic = %topics.sensor_filter(), "Ready.");
+                }
+            }
+            _ = check.tick() => {
+                let stopped = health.stopped();
+                if !stopped.is_empty() {
+                    let what = stopped.join("; ");
+                    tracing::error!(problems = %what, "Pipeline failed; stopping.");
+                    break Err(GatewayError::Pipeline(what));
+                }
+            }
+        }
+    };
+
+    // Shutdown: stop intake, drain queued windows (their results are published), announce
+    // offline, disconnect.
+    notifier.stopping();
+    notifier.status("Stopping");
+    tracing::info!(
+        queued = queue.len(),
+        "Shutting down; draining queued windows."
+    );
+    intake_open.store(false, Ordering::Release);
+    let drain = async {
+        while decoders_done.recv().await.is_some() {}
+        queue.close();
+        while workers_done.recv().await.is_some() {}
+    };
+    if tokio::time::timeout(config.runtime.drain_timeout, drain)
+        .await
+        .is_err()
+    {
+        queue.close();
+        tracing::warn!(
+            abandoned = queue.len(),
+            "Drain timed out; abandoning queued windows."
+        );
+    }
+    let offline = status::status_message(
+        &topics.status(),
+        &identity,
+        GatewayState::Offline,
+        Some(&model.load()),
+    );
+    let mut connections = vec![local];
+    connections.extend(uplink);
+    for c in connections.iter_mut() {
+        close(c, &offline).await;
+    }
+    tasks_stop.cancel();
+    let m = metrics.snapshot(unix_ms(), QueueLevels::default());
+    tracing::info!(
+        messages_in = m.base.messages_in,
+        windows_inferred = m.base.windows_inferred,
+        inputs_rejected = m.base.inputs_rejected,
+        "Stopped."
+    );
+    outcome
+}
+
+/// Publishes the offline status and disconnects, or gives up after about 1.5 s.
+async fn close(c: &mut Connection, offline: &OutMessage) {
+    const STEP: Duration = Duration::from_millis(500);
+    if c.state.connected.load(Ordering::Acquire) {
+        let publish = c.client.publish(
+            offline.topic.clone(),
+            offline.qos,
+            offline.retain,
+            offline.payload.clone(),
+        );
+        let sent = matches!(tokio::time::timeout(STEP, publish).await, Ok(Ok(())))
+            && matches!(
+                tokio::time::timeout(STEP, c.client.disconnect()).await,
+                Ok(Ok(()))
+            );
+        if sent && tokio::time::timeout(STEP * 2, &mut c.task).await.is_ok() {
+            return;
+        }
+    }
+    c.stop.cancel();
+    let _ = (&mut c.task).await;
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn metrics_task(
+    publisher: Arc<dyn Publisher>,
+    topic: String,
+    qos: rumqttc::QoS,
+    metrics: Arc<Metrics>,
+    queue: Arc<WindowQueue>,
+    pending: Arc<AtomicUsize>,
+    interval: Duration,
+    stop: CancellationToken,
+) {
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let snapshot = metrics.snapshot(
+            unix_ms(),
+            QueueLevels {
+                inference_depth: queue.len(),
+                inference_capacity: queue.capacity(),
+                ingest_depth: pending.load(Ordering::Relaxed),
+            },
+        );
+        match serde_json::to_vec(&snapshot) {
+            Ok(payload) => {
+                if publisher
+                    .try_publish(topic.clone(), qos, false, payload)
+                    .is_err()
+                {
+                    Metrics::add(&metrics.publish_dropped, 1);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "Cannot serialise metrics."),
+        }
+    }
+}

@@ -1,0 +1,412 @@
+//! MQTT connections: the local link (sensors in, results out) and the uplink to the cloud.
+//!
+//! Data flow: **MQTT in → route** → decode → ... → publish → **MQTT out**. One task per
+//! connection drives the rumqttc event loop and does nothing else: incoming sensor messages are
+//! routed ([`Intake::route`], no decoding) into the bounded queues of the decode threads with
+//! `try_send`, so a slow pipeline can never stall the connection. Everything else publishes
+//! through the cloneable [`rumqttc::AsyncClient`].
+//!
+//! Protocol: MQTT 3.1.1. rumqttd serves one protocol version per listener and sensor firmware
+//! speaks 3.1.1, so the embedded broker has a 3.1.1 listener and the gateway uses the same
+//! listener; retained messages, last will and QoS 1 are all the gateway needs. Mosquitto serves
+//! 3.1.1 too.
+//!
+//! Sessions are clean: after every CONNACK the link re-subscribes and re-announces its status
+//! (which the last will may have flipped to `offline`). A lost connection is retried with an
+//! exponential [`Backoff`] (doubling from `reconnect_min_ms` to `reconnect_max_ms`, reset once
+//! connected); messages queued in the client while disconnected are dropped by rumqttc when the
+//! new session starts.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc::{SyncSender, TrySendError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use diredi_protocol::messages::ErrorMsg;
+use diredi_protocol::topics::{Route, Topics};
+use rumqttc::{AsyncClient, Event, EventLoop, LastWill, MqttOptions, Outgoing, Packet, QoS};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::MqttConfig;
+use crate::metrics::{kinds, Metrics};
+use crate::notify::LoopHealth;
+use crate::pipeline::{shard_of, unix_ms, Ingest};
+use crate::ratelimit::KeyedLimiter;
+use crate::report::Reporter;
+use crate::status::OutMessage;
+
+/// Exponential reconnection delay. Sans-IO.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    min: Duration,
+    max: Duration,
+    next: Duration,
+}
+
+impl Backoff {
+    /// Delays from `min` doubling up to `max`.
+    pub fn new(min: Duration, max: Duration) -> Self {
+        Backoff {
+            min,
+            max: max.max(min),
+            next: min,
+        }
+    }
+
+    /// The delay before the next attempt; doubles the one after.
+    pub fn next_delay(&mut self) -> Duration {
+        let d = self.next;
+        self.next = (self.next * 2).min(self.max);
+        d
+    }
+
+    /// Back to the shortest delay (after a successful connection).
+    pub fn reset(&mut self) {
+        self.next = self.min;
+    }
+}
+
+/// rumqttc options for `cfg` with `will` as last will.
+pub fn options(cfg: &MqttConfig, will: &OutMessage) -> MqttOptions {
+    let mut o = MqttOptions::new(&cfg.client_id, &cfg.host, cfg.port);
+    o.set_keep_alive(cfg.keep_alive);
+    o.set_clean_session(true);
+    o.set_max_packet_size(cfg.max_packet_bytes, cfg.max_packet_bytes);
+    o.set_last_will(LastWill::new(
+        will.topic.clone(),
+        will.payload.clone(),
+        will.qos,
+        will.retain,
+    ));
+    if let Some((user, pass)) = &cfg.credentials {
+        o.set_credentials(user, pass);
+    }
+    o
+}
+
+/// Routes sensor messages from the event loop to the decode threads.
+pub struct Intake {
+    topics: Topics,
+    shards: Vec<SyncSender<Ingest>>,
+    open: Arc<AtomicBool>,
+    pending: Arc<AtomicUsize>,
+    metrics: Arc<Metrics>,
+    reporter: Reporter,
+    bad_ids: KeyedLimiter,
+}
+
+impl Intake {
+    /// Intake feeding `shards`; stops forwarding once `open` is false.
+    pub fn new(
+        topics: Topics,
+        shards: Vec<SyncSender<Ingest>>,
+        open: Arc<AtomicBool>,
+        pending: Arc<AtomicUsize>,
+        metrics: Arc<Metrics>,
+        reporter: Reporter,
+        errors_per_second: u32,
+    ) -> Self {
+        Intake {
+            topics,
+            shards,
+            open,
+            pending,
+            metrics,
+            reporter,
+            bad_ids: KeyedLimiter::new(errors_per_second, 64),
+        }
+    }
+
+    /// Routes one received message. Never blocks: a full decode queue drops the message and
+    /// counts it (`ingest_dropped`).
+    pub fn route(&mut self, publish: rumqttc::Publish) {
+        let (id_start, shard) = match self.topics.route(&publish.topic) {
+            Route::Sensor(id) => (
+                publish.topic.len() - id.len(),
+                shard_of(id, self.shards.len()),
+            ),
+            Route::InvalidId { id, error } => {
+                let verdict = self.bad_ids.check(&publish.topic, Instant::now());
+                let msg = ErrorMsg {
+                    topic: publish.topic.clone(),
+                    sensor: Some(id.to_owned()),
+                    reason: format!("invalid sensor id {id:?}: {error}"),
+                    kind: kinds::INVALID_SENSOR_ID.to_owned(),
+                    ts: unix_ms(),
+                };
+                self.reporter.reject(verdict, msg);
+                return;
+            }
+            _ => {
+                Metrics::add(&self.metrics.messages_ignored, 1);
+                tracing::debug!(topic = %publish.topic, "Ignoring message on a topic the gateway does not handle.");
+                return;
+            }
+        };
+        Metrics::add(&self.metrics.messages_in, 1);
+        if !self.open.load(Ordering::Acquire) {
+            return;
+        }
+        let Some(tx) = self.shards.get(shard) else {
+            return;
+        };
+        self.pending.fetch_add(1, Ordering::Relaxed);
+        match tx.try_send(Ingest { publish, id_start }) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
+                self.pending.fetch_sub(1, Ordering::Relaxed);
+                Metrics::add(&self.metrics.ingest_dropped, 1);
+            }
+        }
+    }
+}
+
+/// Shared state of a link.
+#[derive(Debug)]
+pub struct LinkState {
+    /// Currently connected.
+    pub connected: AtomicBool,
+    /// Becomes true once the first subscription is acknowledged (or, for a link without
+    /// subscriptions, once connected).
+    pub ready: watch::Sender<bool>,
+    /// Event loop liveness.
+    pub health: Arc<LoopHealth>,
+}
+
+/// Produces the messages to publish after each CONNACK (current status etc.).
+pub type Announce = Arc<dyn Fn() -> Vec<OutMessage> + Send + Sync>;
+
+/// One MQTT connection's event loop.
+pub struct Link {
+    /// `local` or `uplink`, for logs.
+    pub name: &'static str,
+    /// Filters to subscribe after each CONNACK.
+    pub subscriptions: Vec<(String, QoS)>,
+    /// Messages to publish after each CONNACK.
+    pub announce: Announce,
+    /// A topic on which the payload `online` asks for the announcements again (Home
+    /// Assistant's birth message); subscribed with the other filters.
+    pub reannounce_on: Option<String>,
+    /// Where received messages go; `None` ignores them.
+    pub intake: Option<Intake>,
+    /// Reconnection delays.
+    pub backoff: Backoff,
+    /// Shared state.
+    pub state: Arc<LinkState>,
+}
+
+impl Link {
+    /// Runs the event loop until the client disconnects cleanly or `stop` is cancelled.
+    pub async fn run(
+        mut self,
+        client: AsyncClient,
+        mut eventloop: EventLoop,
+        stop: CancellationToken,
+    ) {
+        let addr = {
+            let (host, port) = eventloop.mqtt_options.broker_address();
+            format!("{host}:{port}")
+        };
+        let mut failures: u64 = 0;
+        let mut ever_connected = false;
+        loop {
+            let event = tokio::select! {
+                biased;
+                _ = stop.cancelled() => break,
+                ev = eventloop.poll() => ev,
+            };
+            self.state.health.beat();
+            match event {
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    if self.reannounce_on.as_deref() == Some(p.topic.as_str()) {
+                        if p.payload.as_ref() == b"online" {
+                            tracing::debug!(link = self.name, topic = %p.topic, "Announcing again on request.");
+                            spawn_announce(
+                                client.clone(),
+                                Vec::new(),
+                                self.announce.clone(),
+                                self.name,
+                            );
+                        }
+                    } else if let Some(intake) = self.intake.as_mut() {
+                        intake.route(p);
+                    }
+                }
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    self.backoff.reset();
+                    self.state.connected.store(true, Ordering::Release);
+                    if ever_connected {
+                        tracing::info!(link = self.name, broker = %addr, after_failures = failures, "Reconnected to the broker.");
+                    } else {
+                        tracing::info!(link = self.name, broker = %addr, "Connected to the broker.");
+                    }
+                    ever_connected = true;
+                    failures = 0;
+                    if self.subscriptions.is_empty() {
+                        self.state.ready.send_replace(true);
+                    }
+                    let mut subs = self.subscriptions.clone();
+                    if let Some(t) = &self.reannounce_on {
+                        subs.push((t.clone(), QoS::AtLeastOnce));
+                    }
+                    spawn_announce(client.clone(), subs, self.announce.clone(), self.name);
+                }
+                Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                    let refused = ack
+                        .return_codes
+                        .iter()
+                        .any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure));
+                    if refused {
+                        tracing::error!(link = self.name, "The broker refused the subscription; no sensor data will arrive. Check the broker's ACL.");
+                    } else {
+                        self.state.ready.send_replace(true);
+                    }
+                }
+                Ok(Event::Outgoing(Outgoing::Disconnect)) => {
+                    tracing::debug!(link = self.name, "Disconnected cleanly.");
+                    break;
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    let was_connected = self.state.connected.swap(false, Ordering::AcqRel);
+                    failures += 1;
+                    let delay = self.backoff.next_delay();
+                    if was_connected {
+                        tracing::warn!(link = self.name, broker = %addr, error = %e, "Lost the broker connection; reconnecting.");
+                    } else if failures == 3 || (failures > 3 && failures.is_power_of_two()) {
+                        tracing::warn!(link = self.name, broker = %addr, error = %e, failures, retry_in = ?delay, "Cannot connect to the broker; retrying.");
+                    } else {
+                        tracing::debug!(link = self.name, broker = %addr, error = %e, failures, retry_in = ?delay, "Connection attempt failed.");
+                    }
+                    let sleep = tokio::time::sleep(delay);
+                    tokio::pin!(sleep);
+                    loop {
+                        tokio::select! {
+                            _ = stop.cancelled() => break,
+                            _ = &mut sleep => break,
+                            // Keep the liveness beat going during long delays.
+                            _ = tokio::time::sleep(Duration::from_secs(1)) => self.state.health.beat(),
+                        }
+                    }
+                    if stop.is_cancelled() {
+                        break;
+                    }
+                }
+            }
+        }
+        self.state.connected.store(false, Ordering::Release);
+        self.state.health.finish();
+    }
+}
+
+/// Subscribes `subs`, then publishes the announcements. Through the client queue, which the
+/// event loop drains, so it runs in its own task.
+fn spawn_announce(
+    client: AsyncClient,
+    subs: Vec<(String, QoS)>,
+    announce: Announce,
+    name: &'static str,
+) {
+    tokio::spawn(async move {
+        if !subs.is_empty() {
+            let filters = subs
+                .into_iter()
+                .map(|(f, q)| rumqttc::SubscribeFilter::new(f, q));
+            if let Err(e) = client.subscribe_many(filters).await {
+                tracing::warn!(link = name, error = %e, "Cannot subscribe.");
+            }
+        }
+        for m in announce() {
+            if let Err(e) = client.publish(m.topic, m.qos, m.retain, m.payload).await {
+                tracing::warn!(link = name, error = %e, "Cannot publish an announcement.");
+            }
+        }
+    });
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::report::tests::Recorder;
+    use std::sync::mpsc::sync_channel;
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap_and_resets() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_millis(500));
+        let delays: Vec<u128> = (0..5).map(|_| b.next_delay().as_millis()).collect();
+        assert_eq!(delays, vec![100, 200, 400, 500, 500]);
+        b.reset();
+        assert_eq!(b.next_delay(), Duration::from_millis(100));
+    }
+
+    fn intake(
+        capacity: usize,
+    ) -> (
+        Intake,
+        std::sync::mpsc::Receiver<Ingest>,
+        Arc<Recorder>,
+        Arc<Metrics>,
+        Arc<AtomicBool>,
+    ) {
+        let (tx, rx) = sync_channel(capacity);
+        let metrics = Arc::new(Metrics::new());
+        let rec = Arc::new(Recorder::default());
+        let topics = Topics::new("gw").unwrap();
+        let reporter = Reporter::new(
+            rec.clone(),
+            topics.error(),
+            QoS::AtMostOnce,
+            metrics.clone(),
+        );
+        let open = Arc::new(AtomicBool::new(true));
+        let i = Intake::new(
+            topics,
+            vec![tx],
+            open.clone(),
+            Arc::new(AtomicUsize::new(0)),
+            metrics.clone(),
+            reporter,
+            1,
+        );
+        (i, rx, rec, metrics, open)
+    }
+
+    fn publish(topic: &str) -> rumqttc::Publish {
+        rumqttc::Publish::new(topic, QoS::AtMostOnce, b"{}".to_vec())
+    }
+
+    #[test]
+    fn sensor_messages_are_forwarded_with_their_id_and_overflow_is_counted() {
+        let (mut i, rx, _, metrics, _) = intake(1);
+        i.route(publish("diredi/v1/gw/sensor/imu-7"));
+        i.route(publish("diredi/v1/gw/sensor/imu-8"));
+        let got = rx.try_recv().unwrap();
+        assert_eq!(got.sensor_id(), "imu-7");
+        assert!(rx.try_recv().is_err());
+        assert_eq!(metrics.ingest_dropped.load(Ordering::Relaxed), 1);
+        assert_eq!(metrics.messages_in.load(Ordering::Relaxed), 2);
+    }
+
+    #[test]
+    fn invalid_sensor_ids_are_reported_and_other_topics_ignored() {
+        let (mut i, rx, rec, metrics, _) = intake(4);
+        i.route(publish("diredi/v1/gw/sensor/"));
+        i.route(publish("diredi/v1/gw/status"));
+        i.route(publish("diredi/v1/other/sensor/x"));
+        assert!(rx.try_recv().is_err());
+        let errors = rec.on("/error");
+        assert_eq!(errors.len(), 1);
+        assert_eq!(errors[0]["kind"], "invalid_sensor_id");
+        assert_eq!(metrics.messages_ignored.load(Ordering::Relaxed), 2);
+    }
+
+    #[test]
+    fn closed_intake_forwards_nothing() {
+        let (mut i, rx, _, _, open) = intake(4);
+        open.store(false, Ordering::Release);
+        i.route(publish("diredi/v1/gw/sensor/a"));
+        assert!(rx.try_recv().is_err());
+    }
+}

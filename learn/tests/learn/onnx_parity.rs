@@ -1,0 +1,78 @@
+//! The exported student must give ONNX Runtime the probabilities candle computes.
+
+use candle_core::{Device, Tensor};
+use diredi_infer::{Classifier, OrtClassifier, SessionConfig};
+use diredi_learn::metrics::argmax_rows;
+use diredi_learn::model::{ModelConfig, Net};
+use diredi_learn::onnx::export;
+use diredi_learn::train::{train_supervised, Labelled, TrainConfig, Windows};
+use ndarray::ArrayView3;
+
+use crate::{onnx_runtime, synthetic};
+
+const C: usize = 6;
+const T: usize = 128;
+const K: usize = 5;
+
+fn trained_student() -> anyhow::Result<(Net, Vec<f32>)> {
+    let (x, y) = synthetic(160, C, T, K, 3);
+    let net = Net::new(ModelConfig::student(C, T, K), 21)?;
+    let cfg = TrainConfig {
+        epochs: 2,
+        batch_size: 32,
+        quiet: true,
+        ..TrainConfig::default()
+    };
+    train_supervised(&net, &Labelled::new(Windows::new(&x, C, T)?, &y)?, None, &cfg)?;
+    Ok((net, x))
+}
+
+fn candle_probabilities(net: &Net, x: &[f32], n: usize) -> anyhow::Result<Vec<f32>> {
+    let input = Tensor::from_slice(x, (n, C, T), &Device::Cpu)?;
+    let logits = net.forward_t(&input, false)?;
+    Ok(candle_nn::ops::softmax_last_dim(&logits)?
+        .flatten_all()?
+        .to_vec1::<f32>()?)
+}
+
+#[test]
+fn trained_student_gives_the_same_probabilities_in_onnx_runtime() -> anyhow::Result<()> {
+    if !onnx_runtime() {
+        return Ok(());
+    }
+    let (net, x) = trained_student()?;
+    let bytes = export(&net)?;
+    let clf = OrtClassifier::from_bytes(&bytes, &SessionConfig::default())?;
+    assert_eq!((clf.channels(), clf.window(), clf.num_outputs()), (C, T, K));
+    for (start, n) in [(0, 1), (5, 1), (0, 17), (40, 64)] {
+        let xs = &x[start * C * T..(start + n) * C * T];
+        let want = candle_probabilities(&net, xs, n)?;
+        let got = clf.classify(ArrayView3::from_shape((n, C, T), xs)?)?;
+        assert_eq!(got.shape(), [n, K]);
+        let got: Vec<f32> = got.iter().copied().collect();
+        let max = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        assert!(max <= 1e-4, "batch {n} from {start}: max |Δ| = {max}");
+        assert_eq!(argmax_rows(&got, K), argmax_rows(&want, K), "batch {n} from {start}");
+        let sums_ok = got.chunks(K).all(|r| (r.iter().sum::<f32>() - 1.0).abs() < 1e-5);
+        assert!(sums_ok, "rows of probabilities sum to 1");
+    }
+    Ok(())
+}
+
+#[test]
+fn checkpoint_round_trip_exports_identical_onnx_bytes() -> anyhow::Result<()> {
+    let (net, x) = trained_student()?;
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("student.safetensors");
+    net.save(&path, &serde_json::json!({"classes": ["a", "b", "c", "d", "e"]}))?;
+    let (back, extra) = Net::load(&path)?;
+    assert_eq!(extra["classes"][4], "e");
+    assert_eq!(export(&net)?, export(&back)?);
+    let xs = &x[..8 * C * T];
+    assert_eq!(candle_probabilities(&net, xs, 8)?, candle_probabilities(&back, xs, 8)?);
+    Ok(())
+}
