@@ -87,11 +87,16 @@ mod tests {
         let key = load_private(&stem.with_extension("key"))?;
         assert_eq!(key.public().to_base64(), public.to_base64());
         let pub_text = fs::read_to_string(stem.with_extension("pub"))?;
-        assert_eq!(PublicKey::from_base64(pub_text.trim())?.key_id(), key.key_id());
+        assert_eq!(
+            PublicKey::from_base64(pub_text.trim())?.key_id(),
+            key.key_id()
+        );
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            let mode = fs::metadata(stem.with_extension("key"))?.permissions().mode();
+            let mode = fs::metadata(stem.with_extension("key"))?
+                .permissions()
+                .mode();
             assert_eq!(mode & 0o777, 0o600);
         }
         assert!(generate(&stem, false).is_err(), "must not overwrite");

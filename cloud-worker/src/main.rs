@@ -18,7 +18,11 @@ const DEFAULT_SPLIT: &str = "cloud-worker/splits/hapt.toml";
 const DEFAULT_KEY: &str = "keys/dev-signing.key";
 
 #[derive(Parser, Debug)]
-#[command(name = "diredi-cloud-worker", version, about = "DiReDi cloud worker: teacher, distillation, signed edge models")]
+#[command(
+    name = "diredi-cloud-worker",
+    version,
+    about = "DiReDi cloud worker: teacher, distillation, signed edge models"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -205,9 +209,11 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Dataset(DatasetCmd::Fetch { out }) => fetch_dataset(&out),
-        Command::Dataset(DatasetCmd::Inspect { dataset, split, json }) => {
-            inspect(&dataset, split.as_deref(), json)
-        }
+        Command::Dataset(DatasetCmd::Inspect {
+            dataset,
+            split,
+            json,
+        }) => inspect(&dataset, split.as_deref(), json),
         Command::Keygen { out, force } => {
             let public = keys::generate(&out, force)?;
             println!("key_id {}", public.key_id());
@@ -358,7 +364,10 @@ fn machine() -> serde_json::Value {
 fn fetch_dataset(out: &Path) -> Result<()> {
     let script = Path::new("scripts/fetch-hapt.sh");
     if !script.is_file() {
-        bail!("run this from the repository root: {} not found", script.display());
+        bail!(
+            "run this from the repository root: {} not found",
+            script.display()
+        );
     }
     let status = std::process::Command::new("bash")
         .arg(script)
@@ -390,7 +399,9 @@ fn inspect(dataset: &Path, split: Option<&Path>, as_json: bool) -> Result<()> {
             if as_json {
                 println!(
                     "{}",
-                    serde_json::to_string_pretty(&json!({"dataset": ds_summary, "split": split_summary}))?
+                    serde_json::to_string_pretty(
+                        &json!({"dataset": ds_summary, "split": split_summary})
+                    )?
                 );
             } else {
                 println!("{ds_summary}\n{split_summary}");
@@ -451,7 +462,12 @@ fn export_and_check(
     };
     let path = pipeline::export_signed(net, &p.split, &spec(json!({})), &key)?;
     let pkg = PackagedModel::read(&path)?;
-    let onnx_eval = evaluate_packaged(&pkg, &p.split.presumed_test, &p.split.standardizer, &p.split.classes)?;
+    let onnx_eval = evaluate_packaged(
+        &pkg,
+        &p.split.presumed_test,
+        &p.split.standardizer,
+        &p.split.classes,
+    )?;
     let candle_eval = pipeline::evaluate_net(net, &p.split, &p.split.presumed_test)?;
     if onnx_eval.accuracy != candle_eval.accuracy {
         tracing::warn!(
@@ -496,12 +512,22 @@ fn run_pipeline(
     let t_prepare = t0.elapsed().as_secs_f64();
 
     let (teacher, t_report) = pipeline::train_teacher(&p.split, &cfg)?;
-    pipeline::save_checkpoint(&teacher, &p.split, &work_dir.join("teacher.safetensors"), &t_report)?;
+    pipeline::save_checkpoint(
+        &teacher,
+        &p.split,
+        &work_dir.join("teacher.safetensors"),
+        &t_report,
+    )?;
     let t_eval = pipeline::evaluate_net(&teacher, &p.split, &p.split.presumed_test)?;
     let t_teacher = t0.elapsed().as_secs_f64() - t_prepare;
 
     let (student, s_report) = pipeline::distill_student(&teacher, &p.split, &cfg)?;
-    pipeline::save_checkpoint(&student, &p.split, &work_dir.join("student.safetensors"), &s_report)?;
+    pipeline::save_checkpoint(
+        &student,
+        &p.split,
+        &work_dir.join("student.safetensors"),
+        &s_report,
+    )?;
     let t_student = t0.elapsed().as_secs_f64() - t_prepare - t_teacher;
 
     let training = json!({

@@ -99,7 +99,11 @@ pub fn part_windows(split: &Split, part: Part, user: Option<&str>) -> Result<Win
 pub fn train_teacher(split: &Split, cfg: &TrainConfig) -> Result<(Net, TrainReport)> {
     let mc = ModelConfig::teacher(split.channels.len(), split.window.len(), split.num_presumed);
     let net = Net::new(mc, cfg.seed)?;
-    tracing::info!(params = net.param_count(), windows = split.presumed_train.n(), "Training the teacher.");
+    tracing::info!(
+        params = net.param_count(),
+        windows = split.presumed_train.n(),
+        "Training the teacher."
+    );
     let train = Labelled::of(&split.presumed_train)?;
     let val = Labelled::of(&split.presumed_val)?;
     let report = train_supervised(&net, &train, Some(&val), cfg)?;
@@ -149,14 +153,22 @@ pub fn distill_student(
 pub fn evaluate_net(net: &Net, split: &Split, set: &WindowSet) -> Result<Evaluation> {
     let k = net.config().num_classes;
     if k > split.classes.len() {
-        bail!("model has {k} outputs, the split only {} classes", split.classes.len());
+        bail!(
+            "model has {k} outputs, the split only {} classes",
+            split.classes.len()
+        );
     }
     let pred = predict_classes(net, &Windows::of(set)?, 256)?;
     Ok(evaluate(&pred, &set.y, &split.classes)?)
 }
 
 /// Saves a checkpoint with the split's classes and standardiser beside the weights.
-pub fn save_checkpoint(net: &Net, split: &Split, path: &Path, report: &TrainReport) -> Result<PathBuf> {
+pub fn save_checkpoint(
+    net: &Net,
+    split: &Split,
+    path: &Path,
+    report: &TrainReport,
+) -> Result<PathBuf> {
     let extra = json!({
         "classes": split.classes[..net.config().num_classes],
         "channels": split.channels,

@@ -335,7 +335,9 @@ impl OrtClassifier {
                 .dtype()
                 .tensor_shape()
                 .map(|s| s.iter().copied().collect())
-                .ok_or_else(|| InferError::Interface(format!("`{}` is not a tensor", outlet.name())))
+                .ok_or_else(|| {
+                    InferError::Interface(format!("`{}` is not a tensor", outlet.name()))
+                })
         };
         let in_dims = dims(input)?;
         let out_dims = dims(output)?;

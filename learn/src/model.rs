@@ -14,9 +14,9 @@
 //! Padding is "same" style (output length `ceil(L / stride)`), possibly one sample larger on
 //! the right; ONNX expresses it with asymmetric `pads`. Inside the network activations are
 //! channels-last `[N, L, C]` and every conv is an explicit im2col (a gather of the kernel taps)
-//! followed by one matrix product: candle 0.11's `conv1d` backward returns wrong kernel
-//! gradients on the CPU, and one large product is also faster than its batched im2col.
-//! `gradients_match_finite_differences` guards this.
+//! followed by one matrix product, because candle 0.11's CPU `conv1d` backward returns wrong
+//! kernel gradients (it multiplies by the strided kernel instead of its contiguous copy); this
+//! path is exact and trains about as fast. `gradients_match_finite_differences` guards it.
 //!
 //! Initialisation is deterministic: every parameter is drawn from a [`ChaCha8Rng`] seeded by
 //! the caller, in sorted parameter-name order (candle's own CPU RNG cannot be seeded reliably).
@@ -407,8 +407,8 @@ impl BatchNormLayer {
             let var = centred.sqr()?.mean_keepdim(0)?;
             let unbiased = rows as f64 / (rows.max(2) - 1) as f64;
             let m = BN_MOMENTUM;
-            let new_mean = ((self.running_mean.as_tensor() * (1.0 - m))?
-                + (mean.detach().squeeze(0)? * m)?)?;
+            let new_mean =
+                ((self.running_mean.as_tensor() * (1.0 - m))? + (mean.detach().squeeze(0)? * m)?)?;
             let new_var = ((self.running_var.as_tensor() * (1.0 - m))?
                 + (var.detach().squeeze(0)? * (m * unbiased))?)?;
             self.running_mean.set(&new_mean)?;
@@ -419,7 +419,9 @@ impl BatchNormLayer {
             let std = (self.running_var.as_detached_tensor() + BN_EPS)?.sqrt()?;
             h.broadcast_sub(&mean)?.broadcast_div(&std)?
         };
-        normalised.broadcast_mul(&self.gamma)?.broadcast_add(&self.beta)
+        normalised
+            .broadcast_mul(&self.gamma)?
+            .broadcast_add(&self.beta)
     }
 }
 
@@ -1078,14 +1080,23 @@ mod tests {
         let mut cfg = ModelConfig::student(2, 17, 3);
         cfg.hidden = vec![6];
         cfg.dropout = 0.0;
-        cfg.convs = vec![ConvSpec::new(4, 5, 1), ConvSpec::new(5, 3, 2), ConvSpec::new(6, 4, 3)];
+        cfg.convs = vec![
+            ConvSpec::new(4, 5, 1),
+            ConvSpec::new(5, 3, 2),
+            ConvSpec::new(6, 4, 3),
+        ];
         let net = Net::new(cfg, 2).unwrap();
         let x = input(4, 2, 17);
         let y = Tensor::new(&[0u32, 1, 2, 1], &Device::Cpu).unwrap();
         let loss = |net: &Net| -> Tensor {
             let logits = net.forward_t(&x, true).unwrap();
             let logp = candle_nn::ops::log_softmax(&logits, candle_core::D::Minus1).unwrap();
-            logp.gather(&y.unsqueeze(1).unwrap(), 1).unwrap().mean_all().unwrap().neg().unwrap()
+            logp.gather(&y.unsqueeze(1).unwrap(), 1)
+                .unwrap()
+                .mean_all()
+                .unwrap()
+                .neg()
+                .unwrap()
         };
         let grads = loss(&net).backward().unwrap();
         let mut rng = ChaCha8Rng::seed_from_u64(1);
@@ -1093,19 +1104,32 @@ mod tests {
             if name.contains("running") {
                 continue;
             }
-            let analytic = grads.get(var.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            let base = var.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let analytic = grads
+                .get(var.as_tensor())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            let base = var
+                .as_tensor()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
             for _ in 0..4 {
                 let i = rng.gen_range(0..base.len());
                 let at = |delta: f32| {
                     let mut v = base.clone();
                     v[i] += delta;
-                    var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap()).unwrap();
+                    var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap())
+                        .unwrap();
                     loss(&net).to_scalar::<f32>().unwrap()
                 };
                 let h = 1e-3;
                 let numeric = (at(h) - at(-h)) / (2.0 * h);
-                var.set(&Tensor::from_vec(base.clone(), var.shape(), &Device::Cpu).unwrap()).unwrap();
+                var.set(&Tensor::from_vec(base.clone(), var.shape(), &Device::Cpu).unwrap())
+                    .unwrap();
                 let a = analytic[i];
                 assert!(
                     (a - numeric).abs() <= 0.05 * a.abs().max(numeric.abs()) + 2e-4,

@@ -263,7 +263,12 @@ mod tests {
             .unwrap();
         let input = tract_onnx::prelude::Tensor::from_shape(&[n, c, t], x).unwrap();
         let out = model.run(tvec!(input.into_tvalue())).unwrap();
-        out[0].to_plain_array_view::<f32>().unwrap().iter().copied().collect()
+        out[0]
+            .to_plain_array_view::<f32>()
+            .unwrap()
+            .iter()
+            .copied()
+            .collect()
     }
 
     #[test]

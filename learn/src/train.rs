@@ -98,6 +98,10 @@ pub struct TrainConfig {
     pub weight_decay: f64,
     /// Epochs without a better validation score before stopping (0 = never stop early).
     pub patience: usize,
+    /// First epoch (1-based) whose weights may be kept and from which patience counts (like
+    /// Keras' `start_from_epoch`). Early epochs at a high learning rate score erratically on a
+    /// small validation set; picking one of them by luck costs accuracy on unseen subjects.
+    pub start_from_epoch: usize,
     /// Seed of shuffling, augmentation and dropout.
     pub seed: u64,
     /// Distillation temperature `T`.
@@ -121,7 +125,8 @@ impl Default for TrainConfig {
             min_lr: 2e-5,
             warmup_epochs: 1,
             weight_decay: 1e-2,
-            patience: 10,
+            patience: 5,
+            start_from_epoch: 10,
             seed: 17,
             temperature: 4.0,
             alpha: 0.7,
@@ -731,7 +736,8 @@ fn run(
         };
         on_epoch(net, &stats);
         history.push(stats);
-        if let (Some(acc), Some(loss)) = (val_accuracy, val_loss) {
+        let eligible = epoch >= cfg.start_from_epoch.min(cfg.epochs);
+        if let (true, Some(acc), Some(loss)) = (eligible, val_accuracy, val_loss) {
             let better = match best {
                 None => true,
                 Some((_, best_acc, best_loss)) => {
@@ -904,6 +910,36 @@ mod tests {
         assert!(
             student_acc >= 0.85,
             "student {student_acc}, teacher {teacher_acc}"
+        );
+    }
+
+    #[test]
+    fn early_stopping_keeps_the_best_eligible_epoch() {
+        // Validation labels are shifted by one class, so the better the net learns the task,
+        // the worse it scores: validation stops improving and patience ends the run.
+        let (x, y) = synthetic(240, 5);
+        let (vx, vy) = synthetic(90, 6);
+        let wrong: Vec<u32> = vy.iter().map(|c| (c + 1) % 3).collect();
+        let train = Labelled::new(Windows::new(&x, C, T).unwrap(), &y).unwrap();
+        let val = Labelled::new(Windows::new(&vx, C, T).unwrap(), &wrong).unwrap();
+        let cfg = TrainConfig {
+            epochs: 12,
+            patience: 2,
+            start_from_epoch: 2,
+            ..quick_config()
+        };
+        let net = small_student();
+        let report = train_supervised(&net, &train, Some(&val), &cfg).unwrap();
+        assert!(report.stopped_early, "{report:?}");
+        assert!(report.best_epoch >= 2, "epoch 1 is not eligible");
+        assert_eq!(report.epochs_run, report.best_epoch + 2);
+        let kept = report.history[report.best_epoch - 1].val_accuracy.unwrap();
+        let w = Windows::new(&vx, C, T).unwrap();
+        let pred = predict_classes(&net, &w, 64).unwrap();
+        let acc = pred.iter().zip(&wrong).filter(|(a, b)| a == b).count() as f64 / 90.0;
+        assert!(
+            (acc - kept).abs() < 1e-12,
+            "restored weights score {acc}, kept epoch {kept}"
         );
     }
 

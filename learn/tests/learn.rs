@@ -34,8 +34,13 @@ pub fn available(what: &str, found: Result<(), String>) -> bool {
     match found {
         Ok(()) => true,
         Err(why) => {
-            assert!(!required(), "DIREDI_REQUIRE_DATA is set but {what} is missing: {why}");
-            eprintln!("skipping: {what} is missing ({why}); set DIREDI_REQUIRE_DATA to fail instead");
+            assert!(
+                !required(),
+                "DIREDI_REQUIRE_DATA is set but {what} is missing: {why}"
+            );
+            eprintln!(
+                "skipping: {what} is missing ({why}); set DIREDI_REQUIRE_DATA to fail instead"
+            );
             false
         }
     }
@@ -45,7 +50,9 @@ pub fn available(what: &str, found: Result<(), String>) -> bool {
 pub fn onnx_runtime() -> bool {
     available(
         "ONNX Runtime",
-        diredi_infer::init_runtime(None).map(|_| ()).map_err(|e| e.to_string()),
+        diredi_infer::init_runtime(None)
+            .map(|_| ())
+            .map_err(|e| e.to_string()),
     )
 }
 
@@ -58,7 +65,10 @@ pub fn hapt_dir() -> Option<PathBuf> {
     let found = if dir.join("dataset.json").is_file() {
         Ok(())
     } else {
-        Err(format!("{} has no dataset.json; run scripts/fetch-hapt.sh", dir.display()))
+        Err(format!(
+            "{} has no dataset.json; run scripts/fetch-hapt.sh",
+            dir.display()
+        ))
     };
     available("the HAPT dataset", found).then_some(dir)
 }

@@ -35,7 +35,11 @@ const MAX_TRAINING_SECONDS: f64 = 12.0 * 60.0;
 fn test_eval(net: &Net, split: &Split) -> anyhow::Result<Evaluation> {
     let test = &split.presumed_test;
     let pred = predict_classes(net, &Windows::of(test)?, 512)?;
-    Ok(evaluate(&pred, &test.y, &split.classes[..split.num_presumed])?)
+    Ok(evaluate(
+        &pred,
+        &test.y,
+        &split.classes[..split.num_presumed],
+    )?)
 }
 
 fn train_config(var: &str) -> anyhow::Result<TrainConfig> {
@@ -51,7 +55,10 @@ fn tracer<'a>(what: &'a str, split: &'a Split) -> impl FnMut(&Net, &EpochStats) 
     move |net, stats| {
         if on {
             if let Ok(e) = test_eval(net, split) {
-                eprintln!("TRACE {what} epoch {} test acc {:.4}", stats.epoch, e.accuracy);
+                eprintln!(
+                    "TRACE {what} epoch {} test acc {:.4}",
+                    stats.epoch, e.accuracy
+                );
             }
         }
     }
@@ -63,15 +70,18 @@ fn hapt_teacher_and_student_reach_the_targets() -> anyhow::Result<()> {
     let Some(dir) = hapt_dir() else { return Ok(()) };
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_test_writer()
         .try_init();
     let ds = Dataset::load(&dir)?;
     let cfg = SplitConfig::from_file(&repo_root().join("cloud-worker/splits/hapt.toml"))?;
     let split = Split::build(&cfg, &ds)?;
-    let (c, t, k) = (split.presumed_train.channels, split.presumed_train.len, split.num_presumed);
+    let (c, t, k) = (
+        split.presumed_train.channels,
+        split.presumed_train.len,
+        split.num_presumed,
+    );
     eprintln!("{}", split.summary());
 
     let train = Labelled::of(&split.presumed_train)?;
@@ -149,9 +159,20 @@ fn hapt_teacher_and_student_reach_the_targets() -> anyhow::Result<()> {
         let n = test.n().min(256);
         let xs = &test.x[..n * c * t];
         let want = predict_proba(&student, &Windows::new(xs, c, t)?, 256)?;
-        let got: Vec<f32> = clf.classify(ArrayView3::from_shape((n, c, t), xs)?)?.iter().copied().collect();
-        let max = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
-        assert!(max <= 1e-4, "ONNX Runtime vs candle on HAPT: max |Δ| = {max}");
+        let got: Vec<f32> = clf
+            .classify(ArrayView3::from_shape((n, c, t), xs)?)?
+            .iter()
+            .copied()
+            .collect();
+        let max = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        assert!(
+            max <= 1e-4,
+            "ONNX Runtime vs candle on HAPT: max |Δ| = {max}"
+        );
         assert_eq!(argmax_rows(&got, k), argmax_rows(&want, k));
         let one = |i: usize| ArrayView3::from_shape((1, c, t), test.window(i));
         for i in 0..50 {
@@ -184,8 +205,16 @@ fn hapt_teacher_and_student_reach_the_targets() -> anyhow::Result<()> {
         student_eval.macro_f1,
         student_seconds
     );
-    assert!(teacher_eval.accuracy >= TARGET_ACCURACY, "teacher accuracy {:.4}", teacher_eval.accuracy);
-    assert!(student_eval.accuracy >= TARGET_ACCURACY, "student accuracy {:.4}", student_eval.accuracy);
+    assert!(
+        teacher_eval.accuracy >= TARGET_ACCURACY,
+        "teacher accuracy {:.4}",
+        teacher_eval.accuracy
+    );
+    assert!(
+        student_eval.accuracy >= TARGET_ACCURACY,
+        "student accuracy {:.4}",
+        student_eval.accuracy
+    );
     assert!(student.param_count() <= MAX_STUDENT_PARAMS);
     if let Some(ms) = latency {
         assert!(ms <= MAX_MS_PER_WINDOW, "{ms:.4} ms/window");

@@ -23,7 +23,12 @@ fn trained_student() -> anyhow::Result<(Net, Vec<f32>)> {
         quiet: true,
         ..TrainConfig::default()
     };
-    train_supervised(&net, &Labelled::new(Windows::new(&x, C, T)?, &y)?, None, &cfg)?;
+    train_supervised(
+        &net,
+        &Labelled::new(Windows::new(&x, C, T)?, &y)?,
+        None,
+        &cfg,
+    )?;
     Ok((net, x))
 }
 
@@ -56,8 +61,14 @@ fn trained_student_gives_the_same_probabilities_in_onnx_runtime() -> anyhow::Res
             .map(|(a, b)| (a - b).abs())
             .fold(0.0f32, f32::max);
         assert!(max <= 1e-4, "batch {n} from {start}: max |Δ| = {max}");
-        assert_eq!(argmax_rows(&got, K), argmax_rows(&want, K), "batch {n} from {start}");
-        let sums_ok = got.chunks(K).all(|r| (r.iter().sum::<f32>() - 1.0).abs() < 1e-5);
+        assert_eq!(
+            argmax_rows(&got, K),
+            argmax_rows(&want, K),
+            "batch {n} from {start}"
+        );
+        let sums_ok = got
+            .chunks(K)
+            .all(|r| (r.iter().sum::<f32>() - 1.0).abs() < 1e-5);
         assert!(sums_ok, "rows of probabilities sum to 1");
     }
     Ok(())
@@ -68,11 +79,17 @@ fn checkpoint_round_trip_exports_identical_onnx_bytes() -> anyhow::Result<()> {
     let (net, x) = trained_student()?;
     let dir = tempfile::tempdir()?;
     let path = dir.path().join("student.safetensors");
-    net.save(&path, &serde_json::json!({"classes": ["a", "b", "c", "d", "e"]}))?;
+    net.save(
+        &path,
+        &serde_json::json!({"classes": ["a", "b", "c", "d", "e"]}),
+    )?;
     let (back, extra) = Net::load(&path)?;
     assert_eq!(extra["classes"][4], "e");
     assert_eq!(export(&net)?, export(&back)?);
     let xs = &x[..8 * C * T];
-    assert_eq!(candle_probabilities(&net, xs, 8)?, candle_probabilities(&back, xs, 8)?);
+    assert_eq!(
+        candle_probabilities(&net, xs, 8)?,
+        candle_probabilities(&back, xs, 8)?
+    );
     Ok(())
 }
