@@ -584,7 +584,7 @@ impl Net {
             convs,
             hidden,
             head,
-            dropout_rng: Mutex::new(ChaCha8Rng::seed_from_u64(seed ^ 0xD509_0u64)),
+            dropout_rng: Mutex::new(ChaCha8Rng::seed_from_u64(seed ^ 0x000D_5090_u64)),
         })
     }
 

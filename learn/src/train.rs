@@ -211,7 +211,7 @@ impl<'a> Windows<'a> {
     /// Wraps `x`, whose length must be a multiple of `channels · len`.
     pub fn new(x: &'a [f32], channels: usize, len: usize) -> Result<Self, TrainError> {
         let per = channels * len;
-        if per == 0 || x.len() % per != 0 {
+        if per == 0 || !x.len().is_multiple_of(per) {
             return Err(TrainError::Data(format!(
                 "{} values are not a whole number of {channels}×{len} windows",
                 x.len()

@@ -1,14 +1,17 @@
-//! The exported student must give ONNX Runtime the probabilities candle computes.
+//! The exported student must give ONNX Runtime the probabilities candle computes, on real
+//! HAPT windows.
 
 use candle_core::{Device, Tensor};
 use diredi_infer::{Classifier, OrtClassifier, SessionConfig};
+use diredi_learn::dataset::Dataset;
 use diredi_learn::metrics::argmax_rows;
 use diredi_learn::model::{ModelConfig, Net};
 use diredi_learn::onnx::export;
+use diredi_learn::split::{Split, SplitConfig};
 use diredi_learn::train::{train_supervised, Labelled, TrainConfig, Windows};
 use ndarray::ArrayView3;
 
-use crate::{onnx_runtime, synthetic};
+use crate::{hapt_dir, onnx_runtime, repo_root, synthetic};
 
 const C: usize = 6;
 const T: usize = 128;
@@ -40,12 +43,47 @@ fn candle_probabilities(net: &Net, x: &[f32], n: usize) -> anyhow::Result<Vec<f3
         .to_vec1::<f32>()?)
 }
 
+/// A student trained for two epochs on 256 real presumed-training windows, and 128 real
+/// presumed-test windows (standardised as the gateway does).
+fn real_student() -> anyhow::Result<Option<(Net, Vec<f32>)>> {
+    let Some(dir) = hapt_dir() else {
+        return Ok(None);
+    };
+    let dataset = Dataset::load(&dir)?;
+    let cfg = SplitConfig::from_file(&repo_root().join("cloud-worker/splits/hapt.toml"))?;
+    let split = Split::build(&cfg, &dataset)?;
+    assert_eq!(
+        (split.channels.len(), split.window.len(), split.num_presumed),
+        (C, T, K)
+    );
+    let train = &split.presumed_train;
+    let n = 256.min(train.n());
+    let net = Net::new(ModelConfig::student(C, T, K), 21)?;
+    let cfg = TrainConfig {
+        epochs: 2,
+        batch_size: 32,
+        quiet: true,
+        ..TrainConfig::default()
+    };
+    train_supervised(
+        &net,
+        &Labelled::new(Windows::new(&train.x[..n * C * T], C, T)?, &train.y[..n])?,
+        None,
+        &cfg,
+    )?;
+    let test = &split.presumed_test;
+    let m = 128.min(test.n());
+    Ok(Some((net, test.x[..m * C * T].to_vec())))
+}
+
 #[test]
 fn trained_student_gives_the_same_probabilities_in_onnx_runtime() -> anyhow::Result<()> {
     if !onnx_runtime() {
         return Ok(());
     }
-    let (net, x) = trained_student()?;
+    let Some((net, x)) = real_student()? else {
+        return Ok(());
+    };
     let bytes = export(&net)?;
     let clf = OrtClassifier::from_bytes(&bytes, &SessionConfig::default())?;
     assert_eq!((clf.channels(), clf.window(), clf.num_outputs()), (C, T, K));
