@@ -4,9 +4,11 @@
 //! - [`onnx_eval`]: evaluating a packaged model through ONNX Runtime, as gateways run it.
 //! - [`bench`]: inference speed of a packaged model (figures for the README's claims).
 //! - [`keys`]: signing keys on disk.
+//! - [`demo`]: the README's main job, seen from the user's side.
 //! - [`simulate`]: replays a dataset's recordings over MQTT as sensors would.
 
 pub mod bench;
+pub mod demo;
 pub mod keys;
 pub mod onnx_eval;
 pub mod pipeline;

@@ -8,7 +8,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use diredi_cloud_worker::onnx_eval::{evaluate_packaged, PackagedModel};
 use diredi_cloud_worker::pipeline::{self, ExportSpec, Part};
-use diredi_cloud_worker::{bench, keys, simulate};
+use diredi_cloud_worker::{bench, demo, keys, simulate};
 use diredi_learn::metrics::Evaluation;
 use diredi_learn::train::TrainConfig;
 use serde_json::json;
@@ -167,6 +167,9 @@ enum Command {
     },
     /// Replay a dataset's recordings over MQTT as sensors.
     Simulate(simulate::SimulateArgs),
+    /// The README's main job: replay a user's recordings to a running gateway and show its
+    /// results live, with accuracy per class at the end.
+    Demo(demo::DemoArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -324,23 +327,33 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Simulate(args) => {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()?;
-            let token = tokio_util::sync::CancellationToken::new();
-            let t2 = token.clone();
-            let report = rt.block_on(async move {
-                tokio::spawn(async move {
-                    let _ = tokio::signal::ctrl_c().await;
-                    t2.cancel();
-                });
-                simulate::run(args, token).await
-            })?;
+            let report = with_runtime(|token| simulate::run(args, token))?;
             eprintln!("{}", serde_json::to_string(&report)?);
             Ok(())
         }
+        Command::Demo(args) => with_runtime(|token| demo::run(args, token)).map(|_| ()),
     }
+}
+
+/// Runs `task` on a two-thread tokio runtime; Ctrl-C cancels its token.
+fn with_runtime<T, F, Fut>(task: F) -> Result<T>
+where
+    F: FnOnce(tokio_util::sync::CancellationToken) -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let token = tokio_util::sync::CancellationToken::new();
+    let t2 = token.clone();
+    rt.block_on(async move {
+        tokio::spawn(async move {
+            let _ = tokio::signal::ctrl_c().await;
+            t2.cancel();
+        });
+        task(token).await
+    })
 }
 
 /// The machine a benchmark ran on, for its JSON.
