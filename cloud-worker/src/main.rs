@@ -8,7 +8,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use diredi_cloud_worker::onnx_eval::{evaluate_packaged, PackagedModel};
 use diredi_cloud_worker::pipeline::{self, ExportSpec, Part};
-use diredi_cloud_worker::{bench, demo, keys, simulate};
+use diredi_cloud_worker::{bench, bench_gateway, demo, keys, simulate};
 use diredi_learn::metrics::Evaluation;
 use diredi_learn::train::TrainConfig;
 use serde_json::json;
@@ -165,6 +165,8 @@ enum Command {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// End-to-end gateway benchmark: READY time, windows/s through the embedded broker, RSS.
+    BenchGateway(bench_gateway::BenchGatewayArgs),
     /// Replay a dataset's recordings over MQTT as sensors.
     Simulate(simulate::SimulateArgs),
     /// The README's main job: replay a user's recordings to a running gateway and show its
@@ -329,6 +331,28 @@ fn run(cli: Cli) -> Result<()> {
         Command::Simulate(args) => {
             let report = with_runtime(|token| simulate::run(args, token))?;
             eprintln!("{}", serde_json::to_string(&report)?);
+            Ok(())
+        }
+        Command::BenchGateway(args) => {
+            let r = with_runtime(|token| async move {
+                bench_gateway::run(&args, token).await.map(|r| (r, args))
+            })?;
+            let (r, args) = r;
+            println!(
+                "READY {:.0} ms; {:.0} windows/s ({} windows in {:.1} s, {} dropped, {} rejected); \
+                 latency p50 {:?} ms p99 {:?} ms; RSS idle {:.1} MiB, peak {:.1} MiB",
+                r.ready_ms, r.windows_per_second, r.windows, r.measured_seconds, r.windows_dropped,
+                r.inputs_rejected, r.latency_ms_p50, r.latency_ms_p99, r.rss_idle_mib, r.rss_peak_mib
+            );
+            if let Some(path) = &args.json {
+                let doc = json!({
+                    "benchmark": "gateway_end_to_end",
+                    "machine": machine(),
+                    "gateway_profile": if cfg!(debug_assertions) { "dev" } else { "release" },
+                    "result": r,
+                });
+                std::fs::write(path, serde_json::to_vec_pretty(&doc)?)?;
+            }
             Ok(())
         }
         Command::Demo(args) => with_runtime(|token| demo::run(args, token)).map(|_| ()),

@@ -129,7 +129,7 @@ pub enum Speed {
     Max,
 }
 
-fn parse_speed(s: &str) -> Result<Speed, String> {
+pub fn parse_speed(s: &str) -> Result<Speed, String> {
     let t = s.trim();
     match t {
         "realtime" => return Ok(Speed::Factor(1.0)),
