@@ -19,5 +19,11 @@ export ORT_DYLIB_PATH
 export DIREDI_REQUIRE_DATA=1
 
 cargo fmt --all -- --check
+# The systemd units: systemd-analyze verify and the sandbox exposure threshold.
+if command -v systemd-analyze >/dev/null 2>&1; then
+  systemd/check-units.sh
+else
+  echo "systemd-analyze is missing: skipping systemd/check-units.sh" >&2
+fi
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo test --workspace --locked

@@ -233,17 +233,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::TrainTeacher { data, train, out } => {
             let p = pipeline::prepare(&data.dataset, &data.split)?;
             let (net, report) = pipeline::train_teacher(&p.split, &train.config())?;
-            let path = pipeline::save_checkpoint(&net, &p.split, &out, &report)?;
-            let eval = pipeline::evaluate_net(&net, &p.split, &p.split.presumed_test)?;
-            println!(
-                "teacher: {} params, {} epochs in {:.0} s, presumed-test accuracy {:.4}, wrote {}",
-                net.param_count(),
-                report.epochs_run,
-                report.seconds,
-                eval.accuracy,
-                path.display()
-            );
-            Ok(())
+            save_and_report("teacher", &net, &p, &out, &report)
         }
         Command::Distill {
             data,
@@ -254,17 +244,7 @@ fn run(cli: Cli) -> Result<()> {
             let p = pipeline::prepare(&data.dataset, &data.split)?;
             let t = pipeline::load_checkpoint(&teacher, &p.split)?;
             let (net, report) = pipeline::distill_student(&t, &p.split, &train.config())?;
-            let path = pipeline::save_checkpoint(&net, &p.split, &out, &report)?;
-            let eval = pipeline::evaluate_net(&net, &p.split, &p.split.presumed_test)?;
-            println!(
-                "student: {} params, {} epochs in {:.0} s, presumed-test accuracy {:.4}, wrote {}",
-                net.param_count(),
-                report.epochs_run,
-                report.seconds,
-                eval.accuracy,
-                path.display()
-            );
-            Ok(())
+            save_and_report("student", &net, &p, &out, &report)
         }
         Command::Evaluate {
             data,
@@ -378,6 +358,27 @@ where
         });
         task(token).await
     })
+}
+
+/// Saves a trained checkpoint and prints its size, training and presumed-test accuracy.
+fn save_and_report(
+    role: &str,
+    net: &diredi_learn::model::Net,
+    p: &pipeline::Prepared,
+    out: &Path,
+    report: &diredi_learn::train::TrainReport,
+) -> Result<()> {
+    let path = pipeline::save_checkpoint(net, &p.split, out, report)?;
+    let eval = pipeline::evaluate_net(net, &p.split, &p.split.presumed_test)?;
+    println!(
+        "{role}: {} params, {} epochs in {:.0} s, presumed-test accuracy {:.4}, wrote {}",
+        net.param_count(),
+        report.epochs_run,
+        report.seconds,
+        eval.accuracy,
+        path.display()
+    );
+    Ok(())
 }
 
 /// The machine a benchmark ran on, for its JSON.

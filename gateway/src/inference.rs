@@ -103,7 +103,7 @@ impl Worker {
     fn process_batch(&mut self) {
         let model = self.model.load_full();
         let generation = model.generation();
-        let (c, t) = (model.spec().channels.len(), model.spec().window);
+        let (c, t) = (model.spec().input.channels.len(), model.spec().input.window);
         let mut stale = 0;
         self.jobs.retain_mut(|j| {
             let keep = j.generation == generation && j.data.len() == c * t;
@@ -222,7 +222,7 @@ mod tests {
             end_ts_ms: 1000 + index as i64,
             ready_at: Instant::now(),
             generation: model.generation(),
-            data: vec![value; model.spec().channels.len() * model.spec().window],
+            data: vec![value; model.spec().input.channels.len() * model.spec().input.window],
         }
     }
 

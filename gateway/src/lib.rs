@@ -172,8 +172,8 @@ pub async fn run_with(
     {
         let s = model.spec();
         tracing::info!(
-            model_id = %s.model_id, version = s.version, channels = s.channels.len(),
-            window = s.window, stride = s.stride, classes = s.classes.len(),
+            model_id = %s.model_id, version = s.version, channels = s.input.channels.len(),
+            window = s.input.window, stride = s.input.stride, classes = s.classes.len(),
             provider = model.execution_provider(), key_id = %s.key_id,
             "Model loaded."
         );

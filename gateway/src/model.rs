@@ -16,7 +16,9 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use diredi_infer::{Classifier, InferError, OrtClassifier, SessionConfig};
-use diredi_protocol::manifest::{Layout, ManifestError, OutputKind, ReceivedModel, VerifiedModel};
+use diredi_protocol::manifest::{
+    InputSpec, Layout, ManifestError, OutputKind, ReceivedModel, VerifiedModel,
+};
 
 use crate::config::{ModelConfig, RuntimeConfig};
 use crate::window::WindowParams;
@@ -79,18 +81,8 @@ pub struct ModelSpec {
     pub model_id: String,
     /// Version within the family.
     pub version: u64,
-    /// Channel names, in model order.
-    pub channels: Vec<String>,
-    /// Window length in samples.
-    pub window: usize,
-    /// Samples between windows.
-    pub stride: usize,
-    /// Sample rate in Hz.
-    pub sample_rate_hz: f64,
-    /// Per-channel mean.
-    pub mean: Vec<f32>,
-    /// Per-channel standard deviation.
-    pub std: Vec<f32>,
+    /// Channels, window, stride, rate and standardisation, as the manifest gives them.
+    pub input: InputSpec,
     /// Class names in output order.
     pub classes: Vec<String>,
     /// Whether the output needs a softmax.
@@ -102,13 +94,14 @@ pub struct ModelSpec {
 impl ModelSpec {
     /// Window parameters for this model, with the configured gap tolerance.
     pub fn window_params(&self, max_gap_periods: f64) -> WindowParams {
+        let input = &self.input;
         WindowParams {
-            channels: self.channels.len(),
-            window: self.window,
-            stride: self.stride,
-            period_ms: 1000.0 / self.sample_rate_hz,
-            mean: self.mean.clone(),
-            inv_std: self.std.iter().map(|s| 1.0 / s).collect(),
+            channels: input.channels.len(),
+            window: input.window,
+            stride: input.stride,
+            period_ms: 1000.0 / input.sample_rate_hz,
+            mean: input.mean.clone(),
+            inv_std: input.std.iter().map(|s| 1.0 / s).collect(),
             max_gap_periods,
         }
     }
@@ -164,12 +157,7 @@ impl LoadedModel {
         let spec = ModelSpec {
             model_id: m.model_id.clone(),
             version: m.version,
-            channels: m.input.channels.clone(),
-            window: m.input.window,
-            stride: m.input.stride,
-            sample_rate_hz: m.input.sample_rate_hz,
-            mean: m.input.mean.clone(),
-            std: m.input.std.clone(),
+            input: m.input.clone(),
             classes: m.classes.clone(),
             output: m.output.kind,
             key_id: verified.key_id().to_owned(),

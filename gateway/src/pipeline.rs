@@ -166,7 +166,7 @@ impl Shard {
             let m = model.load();
             (
                 m.generation(),
-                m.spec().channels.clone(),
+                m.spec().input.channels.clone(),
                 m.spec().window_params(settings.max_gap_periods),
             )
         };
@@ -195,7 +195,7 @@ impl Shard {
             return;
         }
         self.generation = m.generation();
-        self.channels = m.spec().channels.clone();
+        self.channels = m.spec().input.channels.clone();
         self.params = m.spec().window_params(self.settings.max_gap_periods);
         for s in self.sensors.values_mut() {
             s.windower = Windower::new(&self.params);

@@ -17,15 +17,20 @@ const C: usize = 6;
 const T: usize = 128;
 const K: usize = 5;
 
-fn trained_student() -> anyhow::Result<(Net, Vec<f32>)> {
-    let (x, y) = synthetic(160, C, T, K, 3);
-    let net = Net::new(ModelConfig::student(C, T, K), 21)?;
-    let cfg = TrainConfig {
+/// Two quiet epochs: enough to move the weights away from their initialisation.
+fn brief() -> TrainConfig {
+    TrainConfig {
         epochs: 2,
         batch_size: 32,
         quiet: true,
         ..TrainConfig::default()
-    };
+    }
+}
+
+fn trained_student() -> anyhow::Result<(Net, Vec<f32>)> {
+    let (x, y) = synthetic(160, C, T, K, 3);
+    let net = Net::new(ModelConfig::student(C, T, K), 21)?;
+    let cfg = brief();
     train_supervised(
         &net,
         &Labelled::new(Windows::new(&x, C, T)?, &y)?,
@@ -59,12 +64,7 @@ fn real_student() -> anyhow::Result<Option<(Net, Vec<f32>)>> {
     let train = &split.presumed_train;
     let n = 256.min(train.n());
     let net = Net::new(ModelConfig::student(C, T, K), 21)?;
-    let cfg = TrainConfig {
-        epochs: 2,
-        batch_size: 32,
-        quiet: true,
-        ..TrainConfig::default()
-    };
+    let cfg = brief();
     train_supervised(
         &net,
         &Labelled::new(Windows::new(&train.x[..n * C * T], C, T)?, &train.y[..n])?,
