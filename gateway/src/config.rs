@@ -301,6 +301,53 @@ impl Default for RawErrors {
     }
 }
 
+/// `[learning]`: labels, the exclusive data store, local adaptation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawLearning {
+    /// Accept labels and store the labelled windows (they never leave the gateway).
+    pub enabled: bool,
+    /// Directory of the exclusive store and the outbox. Empty = `$STATE_DIRECTORY` (set by
+    /// systemd), else `$HOME/.local/state/diredi`.
+    pub state_dir: String,
+    /// Labelled windows kept; the oldest is evicted beyond this.
+    pub max_windows: usize,
+    /// Class names the model lacks (the user's new classes) accepted in labels.
+    pub max_new_classes: usize,
+    /// Recent windows kept per sensor for labels that arrive after them.
+    pub recent_windows: usize,
+    /// Label ranges kept per sensor for windows that complete after them.
+    pub label_spans: usize,
+}
+
+impl Default for RawLearning {
+    fn default() -> Self {
+        RawLearning {
+            enabled: true,
+            state_dir: String::new(),
+            max_windows: 4096,
+            max_new_classes: 2,
+            recent_windows: 32,
+            label_spans: 256,
+        }
+    }
+}
+
+/// Labels and the exclusive store, validated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LearningConfig {
+    /// State directory (store, outbox).
+    pub state_dir: PathBuf,
+    /// Labelled windows kept.
+    pub max_windows: usize,
+    /// New class names accepted.
+    pub max_new_classes: usize,
+    /// Recent windows kept per sensor.
+    pub recent_windows: usize,
+    /// Label ranges kept per sensor.
+    pub label_spans: usize,
+}
+
 /// `[homeassistant]`: MQTT discovery for Home Assistant.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -344,6 +391,8 @@ pub struct RawConfig {
     pub errors: RawErrors,
     /// `[homeassistant]`.
     pub homeassistant: RawHomeAssistant,
+    /// `[learning]`.
+    pub learning: RawLearning,
 }
 
 const SECTIONS: &[&str] = &[
@@ -357,6 +406,7 @@ const SECTIONS: &[&str] = &[
     "metrics",
     "errors",
     "homeassistant",
+    "learning",
 ];
 
 /// The compiled-in defaults as TOML (`diredi-gateway print-default-config`).
@@ -447,6 +497,8 @@ pub struct Config {
     pub errors_per_sensor_per_second: u32,
     /// Home Assistant discovery prefix, when discovery is enabled.
     pub homeassistant: Option<String>,
+    /// Labels and the exclusive store; `None` when learning is off.
+    pub learning: Option<LearningConfig>,
     /// The file the configuration came from.
     pub source: Option<PathBuf>,
 }
@@ -690,6 +742,7 @@ fn sections(built: &config::Config) -> (RawConfig, Vec<Problem>) {
         &mut raw.homeassistant,
         &mut problems,
     );
+    section(built, "learning", &mut raw.learning, &mut problems);
     (raw, problems)
 }
 
@@ -716,6 +769,25 @@ impl Checker {
         if v < min || v > max {
             self.problem(key, format!("is {v}; expected {min} to {max}"));
         }
+    }
+}
+
+/// `$STATE_DIRECTORY` (systemd's `StateDirectory=`), else `$HOME/.local/state/diredi`, else
+/// `./diredi-state`.
+fn default_state_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("STATE_DIRECTORY").filter(|d| !d.is_empty()) {
+        // systemd may list several directories separated by ':'; the first is ours.
+        let first = d
+            .to_string_lossy()
+            .split(':')
+            .next()
+            .unwrap_or("")
+            .to_owned();
+        return PathBuf::from(first);
+    }
+    match std::env::var_os("HOME").filter(|h| !h.is_empty()) {
+        Some(home) => PathBuf::from(home).join(".local/state/diredi"),
+        None => PathBuf::from("diredi-state"),
     }
 }
 
@@ -1003,6 +1075,24 @@ pub fn compile(raw: &RawConfig, base: &Path, source: Option<&Path>) -> Result<Co
         }
     }
 
+    // [learning]
+    let l = &raw.learning;
+    c.range("learning.max_windows", l.max_windows, 1, 1 << 20);
+    c.range("learning.max_new_classes", l.max_new_classes, 0, 64);
+    c.range("learning.recent_windows", l.recent_windows, 0, 4096);
+    c.range("learning.label_spans", l.label_spans, 1, 1 << 16);
+    let learning = l.enabled.then(|| LearningConfig {
+        state_dir: if l.state_dir.is_empty() {
+            default_state_dir()
+        } else {
+            resolve(base, &l.state_dir)
+        },
+        max_windows: l.max_windows,
+        max_new_classes: l.max_new_classes,
+        recent_windows: l.recent_windows,
+        label_spans: l.label_spans,
+    });
+
     match (topics, c.problems.is_empty()) {
         (Some(topics), true) => Ok(Config {
             gateway_id,
@@ -1021,6 +1111,7 @@ pub fn compile(raw: &RawConfig, base: &Path, source: Option<&Path>) -> Result<Co
             metrics_interval,
             errors_per_sensor_per_second: raw.errors.per_sensor_per_second,
             homeassistant,
+            learning,
             source: source.map(Path::to_path_buf),
         }),
         _ => Err(ConfigError::Invalid(c.problems)),

@@ -35,6 +35,7 @@ pub mod broker;
 pub mod config;
 pub mod homeassistant;
 pub mod inference;
+pub mod labels;
 pub mod logging;
 pub mod metrics;
 pub mod model;
@@ -44,6 +45,7 @@ pub mod pipeline;
 pub mod ratelimit;
 pub mod report;
 pub mod status;
+pub mod store;
 pub mod window;
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -67,7 +69,7 @@ use crate::metrics::{Metrics, QueueLevels};
 use crate::model::{LoadedModel, ModelError, ModelHandle};
 use crate::mqtt::{Announce, Backoff, Intake, Link, LinkState};
 use crate::notify::{ExitGuard, Health, LoopHealth, Notifier, Systemd, ThreadHealth};
-use crate::pipeline::{run_shard, unix_ms, SensorRegistry, Shard, ShardSettings};
+use crate::pipeline::{run_shard, unix_ms, SensorRegistry, Shard, ShardLearning, ShardSettings};
 use crate::report::{Publisher, Reporter};
 use crate::status::{Identity, OutMessage};
 
@@ -91,6 +93,9 @@ pub enum GatewayError {
     /// Part of the pipeline died.
     #[error("pipeline failed: {0}")]
     Pipeline(String),
+    /// The exclusive data store cannot be opened.
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
 }
 
 /// How [`run_with`] runs.
@@ -212,6 +217,19 @@ pub async fn run_with(
     let registry = Arc::new(SensorRegistry::new(p.max_sensors));
     let intake_open = Arc::new(AtomicBool::new(true));
     let pending = Arc::new(AtomicUsize::new(0));
+    let learning = match &config.learning {
+        Some(l) => {
+            let path = l.state_dir.join("exclusive.redb");
+            let store = store::ExclusiveStore::open(&path, l.max_windows, l.max_new_classes)?;
+            tracing::info!(path = %path.display(), windows = store.len()?, "Exclusive data store open.");
+            Some(ShardLearning {
+                store: Arc::new(store),
+                recent_windows: l.recent_windows,
+                label_spans: l.label_spans,
+            })
+        }
+        None => None,
+    };
     let settings = ShardSettings {
         limits: DecodeLimits {
             max_payload_bytes: p.max_payload_bytes,
@@ -220,6 +238,7 @@ pub async fn run_with(
         max_gap_periods: p.max_gap_periods,
         errors_per_second: config.errors_per_sensor_per_second,
         discovery_prefix: config.homeassistant.clone(),
+        learning,
     };
     let (decoders_done_tx, mut decoders_done) = mpsc::channel::<()>(1);
     let mut shard_txs = Vec::with_capacity(p.decode_threads);
@@ -309,7 +328,13 @@ pub async fn run_with(
     let local = spawn_link(
         Link {
             name: "local",
-            subscriptions: vec![(topics.sensor_filter(), data_qos)],
+            subscriptions: {
+                let mut subs = vec![(topics.sensor_filter(), data_qos)];
+                if config.learning.is_some() {
+                    subs.push((topics.label_filter(), rumqttc::QoS::AtLeastOnce));
+                }
+                subs
+            },
             announce,
             reannounce_on: config
                 .homeassistant

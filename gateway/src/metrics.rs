@@ -24,8 +24,14 @@ pub mod kinds {
     /// The sensor id in the topic is not a valid topic level (empty, too long, ...).
     pub const INVALID_SENSOR_ID: &str = "invalid_sensor_id";
 
+    /// A label that cannot be applied: not JSON, an unknown sensor or window, a new class
+    /// beyond the limit, or learning switched off.
+    pub const BAD_LABEL: &str = "bad_label";
+    /// A command the gateway does not know or cannot carry out now.
+    pub const BAD_COMMAND: &str = "bad_command";
+
     /// Every gateway-side kind.
-    pub const ALL: &[&str] = &[TOO_MANY_SENSORS, INVALID_SENSOR_ID];
+    pub const ALL: &[&str] = &[TOO_MANY_SENSORS, INVALID_SENSOR_ID, BAD_LABEL, BAD_COMMAND];
 }
 
 const SUB_BITS: u32 = 4;
@@ -140,6 +146,10 @@ pub struct Metrics {
     pub messages_ignored: AtomicU64,
     /// Sensors currently known.
     pub sensors: AtomicU64,
+    /// Label messages received.
+    pub labels_in: AtomicU64,
+    /// Windows stored in the exclusive store (new or relabelled).
+    pub labelled_windows: AtomicU64,
     rejected: BTreeMap<&'static str, AtomicU64>,
     latency: Mutex<LatencyHistogram>,
 }
@@ -176,6 +186,11 @@ pub struct GatewayMetrics {
     pub publish_dropped: u64,
     /// Messages on topics the gateway does not handle.
     pub messages_ignored: u64,
+    /// Label messages received.
+    pub labels_in: u64,
+    /// Windows stored in the exclusive store (new or relabelled); the windows themselves
+    /// never leave the gateway.
+    pub labelled_windows: u64,
 }
 
 /// Queue levels sampled when a snapshot is taken.
@@ -217,6 +232,8 @@ impl Metrics {
             publish_dropped: AtomicU64::new(0),
             messages_ignored: AtomicU64::new(0),
             sensors: AtomicU64::new(0),
+            labels_in: AtomicU64::new(0),
+            labelled_windows: AtomicU64::new(0),
             rejected,
             latency: Mutex::new(LatencyHistogram::default()),
         }
@@ -289,6 +306,8 @@ impl Metrics {
             errors_suppressed: load(&self.errors_suppressed),
             publish_dropped: load(&self.publish_dropped),
             messages_ignored: load(&self.messages_ignored),
+            labels_in: load(&self.labels_in),
+            labelled_windows: load(&self.labelled_windows),
         }
     }
 }

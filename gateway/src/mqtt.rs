@@ -31,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::MqttConfig;
 use crate::metrics::{kinds, Metrics};
 use crate::notify::LoopHealth;
-use crate::pipeline::{shard_of, unix_ms, Ingest};
+use crate::pipeline::{shard_of, unix_ms, Ingest, IngestKind};
 use crate::ratelimit::KeyedLimiter;
 use crate::report::Reporter;
 use crate::status::OutMessage;
@@ -121,10 +121,17 @@ impl Intake {
     /// Routes one received message. Never blocks: a full decode queue drops the message and
     /// counts it (`ingest_dropped`).
     pub fn route(&mut self, publish: rumqttc::Publish) {
-        let (id_start, shard) = match self.topics.route(&publish.topic) {
+        let (id_start, shard, kind) = match self.topics.route(&publish.topic) {
             Route::Sensor(id) => (
                 publish.topic.len() - id.len(),
                 shard_of(id, self.shards.len()),
+                IngestKind::Samples,
+            ),
+            // A label goes to the decode thread of its sensor, which holds its windows.
+            Route::Label(id) => (
+                publish.topic.len() - id.len(),
+                shard_of(id, self.shards.len()),
+                IngestKind::Label,
             ),
             Route::InvalidId { id, error } => {
                 let verdict = self.bad_ids.check(&publish.topic, Instant::now());
@@ -152,7 +159,11 @@ impl Intake {
             return;
         };
         self.pending.fetch_add(1, Ordering::Relaxed);
-        match tx.try_send(Ingest { publish, id_start }) {
+        match tx.try_send(Ingest {
+            publish,
+            id_start,
+            kind,
+        }) {
             Ok(()) => {}
             Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
                 self.pending.fetch_sub(1, Ordering::Relaxed);

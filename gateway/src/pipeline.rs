@@ -24,21 +24,36 @@ use diredi_protocol::messages::ErrorMsg;
 use diredi_protocol::sensor::{decode_sensor, DecodeLimits, SensorBatch};
 use diredi_protocol::topics::Topics;
 
+use diredi_protocol::messages::LabelMsg;
+
 use crate::batcher::{BufferPool, PushOutcome, SensorInfo, WindowJob, WindowQueue};
+use crate::labels::{window_index, LabelBook, Labelled, RecentWindow};
 use crate::metrics::{kinds, Metrics};
 use crate::model::ModelHandle;
 use crate::notify::ThreadHealth;
 use crate::ratelimit::{KeyBudget, KeyedLimiter};
 use crate::report::Reporter;
+use crate::store::{ExclusiveStore, StoredWindow};
 use crate::window::{Reset, WindowParams, Windower};
 
-/// A sensor message on its way to a decode thread.
+/// What a message routed to a decode thread carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IngestKind {
+    /// Samples (`sensor/{id}`).
+    Samples,
+    /// A user's label for the sensor's windows (`label/{id}`).
+    Label,
+}
+
+/// A sensor or label message on its way to the decode thread of its sensor.
 #[derive(Debug)]
 pub struct Ingest {
-    /// The MQTT message (topic `diredi/v1/{gw}/sensor/{id}`).
+    /// The MQTT message (topic `diredi/v1/{gw}/sensor/{id}` or `.../label/{id}`).
     pub publish: rumqttc::Publish,
     /// Byte offset of the sensor id in the topic.
     pub id_start: usize,
+    /// Samples or label.
+    pub kind: IngestKind,
 }
 
 impl Ingest {
@@ -123,12 +138,34 @@ pub struct ShardSettings {
     /// Home Assistant discovery prefix; when set, a new sensor's discovery configs are
     /// published when it is admitted.
     pub discovery_prefix: Option<String>,
+    /// Labels and the exclusive store; `None` when learning is off (labels are rejected).
+    pub learning: Option<ShardLearning>,
+}
+
+/// What a decode thread needs to turn labels into stored windows.
+#[derive(Debug, Clone)]
+pub struct ShardLearning {
+    /// Where labelled windows go.
+    pub store: Arc<ExclusiveStore>,
+    /// Recent windows kept per sensor for labels that arrive after them.
+    pub recent_windows: usize,
+    /// Label ranges kept per sensor.
+    pub label_spans: usize,
 }
 
 struct Sensor {
     info: Arc<SensorInfo>,
     windower: Windower,
     budget: KeyBudget,
+    book: Option<LabelBook>,
+}
+
+/// A label book for a sensor, when learning is on.
+fn new_book(settings: &ShardSettings, params: &WindowParams) -> Option<LabelBook> {
+    settings
+        .learning
+        .as_ref()
+        .map(|l| LabelBook::new(l.recent_windows, l.label_spans, params.period_ms))
 }
 
 /// The sensors of one decode thread and everything needed to process their messages.
@@ -199,6 +236,7 @@ impl Shard {
         self.params = m.spec().window_params(self.settings.max_gap_periods);
         for s in self.sensors.values_mut() {
             s.windower = Windower::new(&self.params);
+            s.book = new_book(&self.settings, &self.params);
         }
         tracing::debug!(
             generation = self.generation,
@@ -206,9 +244,143 @@ impl Shard {
         );
     }
 
-    /// Processes one sensor message received at `now` (`now_ms` wall clock).
+    fn new_book(&self) -> Option<LabelBook> {
+        new_book(&self.settings, &self.params)
+    }
+
+    /// Processes one sensor or label message received at `now` (`now_ms` wall clock).
     pub fn handle(&mut self, msg: &Ingest, now: Instant, now_ms: i64) {
         self.follow_model();
+        match msg.kind {
+            IngestKind::Samples => self.handle_samples(msg, now, now_ms),
+            IngestKind::Label => self.handle_label(msg, now, now_ms),
+        }
+    }
+
+    /// Applies a label to the sensor's windows and stores the windows it names. Errors (bad
+    /// JSON, unknown sensor, learning off, store full of new classes) go to the error topic.
+    fn handle_label(&mut self, msg: &Ingest, now: Instant, now_ms: i64) {
+        let id = msg.sensor_id();
+        let topic = msg.publish.topic.as_str();
+        let result = self.apply_label(id, &msg.publish.payload);
+        Metrics::add(&self.metrics.labels_in, 1);
+        match result {
+            Ok(stored) => {
+                Metrics::add(&self.metrics.labelled_windows, stored as u64);
+                tracing::debug!(sensor = id, windows = stored, "Label applied.");
+            }
+            Err((kind, reason)) => {
+                let verdict = match self.sensors.get_mut(id) {
+                    Some(s) => s.budget.check(now, self.settings.errors_per_second),
+                    None => self.unknown_budget.check(id, now),
+                };
+                self.reporter.reject(
+                    verdict,
+                    ErrorMsg {
+                        topic: topic.to_owned(),
+                        sensor: Some(id.to_owned()),
+                        reason,
+                        kind: kind.to_owned(),
+                        ts: now_ms,
+                    },
+                );
+            }
+        }
+    }
+
+    fn apply_label(&mut self, id: &str, payload: &[u8]) -> Result<usize, (&'static str, String)> {
+        let Some(learning) = self.settings.learning.clone() else {
+            return Err((
+                kinds::BAD_LABEL,
+                "learning is off ([learning] enabled = false)".into(),
+            ));
+        };
+        let label: LabelMsg = serde_json::from_slice(payload)
+            .map_err(|e| (kinds::BAD_LABEL, format!("not a label: {e}")))?;
+        let Some(sensor) = self.sensors.get_mut(id) else {
+            return Err((
+                kinds::BAD_LABEL,
+                format!("no sensor {id:?} has sent samples yet; labels name its windows"),
+            ));
+        };
+        let Some(book) = sensor.book.as_mut() else {
+            return Ok(0);
+        };
+        let labelled = match &label {
+            LabelMsg::Range {
+                from_ts,
+                to_ts,
+                class,
+            } => {
+                if to_ts < from_ts {
+                    return Err((
+                        kinds::BAD_LABEL,
+                        format!("to_ts {to_ts} is before from_ts {from_ts}"),
+                    ));
+                }
+                book.on_range(*from_ts, *to_ts, class)
+            }
+            LabelMsg::Window { window_id, class } => {
+                let index = window_index(window_id, id).ok_or_else(|| {
+                    (
+                        kinds::BAD_LABEL,
+                        format!("window id {window_id:?} is not one of sensor {id:?}'s"),
+                    )
+                })?;
+                match book.on_window_id(index, class) {
+                    Some(l) => vec![l],
+                    None => {
+                        return Err((
+                            kinds::BAD_LABEL,
+                            format!("window {window_id:?} is no longer among the recent windows"),
+                        ))
+                    }
+                }
+            }
+        };
+        let m = self.model.load();
+        let known = &m.spec().classes;
+        let version = m.spec().version;
+        let mut stored = 0;
+        for l in labelled {
+            let w = StoredWindow {
+                sensor: id.to_owned(),
+                end_ts: l.window.end_ts,
+                class: l.class,
+                model_version: version,
+                data: l.window.data,
+            };
+            learning
+                .store
+                .insert(&w, known)
+                .map_err(|e| (kinds::BAD_LABEL, e.to_string()))?;
+            stored += 1;
+        }
+        Ok(stored)
+    }
+
+    /// Stores the windows a label already covers as they complete.
+    fn store_labelled(&self, sensor: &str, labelled: Vec<Labelled>) {
+        let Some(learning) = &self.settings.learning else {
+            return;
+        };
+        let m = self.model.load();
+        for l in labelled {
+            let w = StoredWindow {
+                sensor: sensor.to_owned(),
+                end_ts: l.window.end_ts,
+                class: l.class,
+                model_version: m.spec().version,
+                data: l.window.data,
+            };
+            match learning.store.insert(&w, &m.spec().classes) {
+                Ok(_) => Metrics::add(&self.metrics.labelled_windows, 1),
+                Err(e) => tracing::warn!(sensor, error = %e, "Cannot store a labelled window."),
+            }
+        }
+    }
+
+    fn handle_samples(&mut self, msg: &Ingest, now: Instant, now_ms: i64) {
         let id = msg.sensor_id();
         let topic = msg.publish.topic.as_str();
         if let Err(e) = decode_sensor(
@@ -255,12 +427,14 @@ impl Shard {
                 id: id.into(),
                 inference_topic: self.topics.inference(id).into(),
             });
+            let book = self.new_book();
             self.sensors.insert(
                 id.into(),
                 Sensor {
                     info,
                     windower: Windower::new(&self.params),
                     budget: KeyBudget::default(),
+                    book,
                 },
             );
         }
@@ -269,10 +443,18 @@ impl Shard {
         };
 
         Metrics::add(&self.metrics.samples_in, self.batch.samples() as u64);
-        let Sensor { info, windower, .. } = sensor;
+        let Sensor {
+            info,
+            windower,
+            book,
+            ..
+        } = sensor;
         let (queue, pool, metrics) = (&self.queue, &self.pool, &self.metrics);
         let generation = self.generation;
         let len = self.params.channels * self.params.window;
+        let span_ms =
+            ((self.params.window.max(1) - 1) as f64 * self.params.period_ms).round() as i64;
+        let mut labelled = Vec::new();
         let outcome = windower.push(
             &self.params,
             self.batch.ts_ms,
@@ -281,6 +463,14 @@ impl Shard {
             |view| {
                 let mut data = pool.take(len);
                 view.copy_into(&mut data);
+                if let Some(book) = book.as_mut() {
+                    labelled.extend(book.on_window(RecentWindow {
+                        index: view.index,
+                        start_ts: view.end_ts_ms - span_ms,
+                        end_ts: view.end_ts_ms,
+                        data: data.clone(),
+                    }));
+                }
                 let job = WindowJob {
                     sensor: info.clone(),
                     index: view.index,
@@ -299,6 +489,9 @@ impl Shard {
             },
         );
         Metrics::add(&self.metrics.windows_ready, outcome.windows as u64);
+        if !labelled.is_empty() {
+            self.store_labelled(id, labelled);
+        }
         if let Some(reset) = outcome.reset {
             let counter = match reset {
                 Reset::Gap => &self.metrics.resets_gap,
@@ -426,6 +619,7 @@ mod tests {
                 max_gap_periods: 5.0,
                 errors_per_second: 1,
                 discovery_prefix: Some("homeassistant".into()),
+                learning: None,
             },
             model.clone(),
             Arc::new(SensorRegistry::new(max_sensors)),
@@ -448,6 +642,7 @@ mod tests {
         Ingest {
             id_start: topic.len() - sensor.len(),
             publish: rumqttc::Publish::new(topic, QoS::AtMostOnce, payload),
+            kind: IngestKind::Samples,
         }
     }
 

@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -431,13 +432,25 @@ providers = ["cpu"]
 max_wait_ms = 1
 [metrics]
 interval_s = 0.2
+[learning]
+state_dir = "{}"
 "#,
         manifest
             .map(|p| p.display().to_string())
             .unwrap_or_default(),
-        public_key()
+        public_key(),
+        state_dir().display()
     );
     toml::from_str(&text).unwrap()
+}
+
+/// A state directory of its own for every gateway a test starts (the exclusive store is
+/// locked by the gateway that opened it), below one directory per test process.
+pub fn state_dir() -> PathBuf {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    std::env::temp_dir()
+        .join(format!("diredi-gateway-tests-{}", std::process::id()))
+        .join(NEXT.fetch_add(1, Ordering::Relaxed).to_string())
 }
 
 /// Sets `section.key = value` in `table`.

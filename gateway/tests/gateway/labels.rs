@@ -1,0 +1,119 @@
+//! Labels on `label/{sensor}` put the windows they name into the exclusive store; bad labels
+//! go to the error topic while the sensor keeps being served.
+
+use diredi_gateway::store::ExclusiveStore;
+use diredi_protocol::sensor::encode_json;
+
+use super::support::*;
+
+const T0: i64 = 1_700_000_000_000;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn labels_store_the_windows_they_name_and_bad_labels_are_reported() {
+    let spec = Spec::small(); // window 8, stride 4, 20 ms
+    let classes = spec.classes();
+    let port = free_port();
+    let mut table = config_table(port, true, None);
+    let state = state_dir();
+    set(
+        &mut table,
+        "learning",
+        "state_dir",
+        state.display().to_string(),
+    );
+    set(&mut table, "learning", "max_new_classes", 1);
+    set(&mut table, "errors", "per_sensor_per_second", 100);
+    let gw = Running::start(compile(&table), Some(fake_model(&spec)));
+    gw.ready().await;
+    let mut obs = Observer::connect(port, &format!("diredi/v1/{GW}/#")).await;
+    let label = |s: &str| format!("diredi/v1/{GW}/label/{s}");
+    let c = spec.channels.len();
+    let p = spec.period_ms();
+
+    // A label for a sensor that has sent nothing is an error.
+    obs.publish(
+        &label("s9"),
+        br#"{"from_ts":0,"to_ts":10,"class":"c0"}"#.to_vec(),
+    )
+    .await;
+    let e = obs
+        .next_json("/error", WAIT, |v| v["sensor"] == "s9")
+        .await
+        .expect("error for the unknown sensor");
+    assert_eq!(e["kind"], "bad_label");
+
+    // 24 samples: windows 0..4 (samples 4k .. 4k+7).
+    obs.sensor("s1", encode_json(Some(T0), &rows(0, 24, &spec), c))
+        .await;
+    assert_eq!(obs.collect("/inference/s1", 5, WAIT).await.len(), 5);
+
+    // Samples 0..11 are the first class: windows 0 and 1, sent as two joined ranges.
+    for (from, to) in [(0, 5), (6, 11)] {
+        let body = serde_json::json!({"from_ts": T0 + from * p, "to_ts": T0 + to * p, "class": classes[0]});
+        obs.publish(&label("s1"), body.to_string().into_bytes())
+            .await;
+    }
+    // Window 4 by its id, with a class the model does not have (the one new class allowed).
+    obs.publish(
+        &label("s1"),
+        br#"{"window_id":"s1:4","class":"downstairs"}"#.to_vec(),
+    )
+    .await;
+    // A second new class is over the limit; garbage is not a label; neither stops serving.
+    for (body, why) in [
+        (
+            &br#"{"window_id":"s1:3","class":"jump"}"#[..],
+            "new classes",
+        ),
+        (&b"\xff\x00garbage"[..], "not a label"),
+        (
+            &br#"{"window_id":"s2:3","class":"c0"}"#[..],
+            "not one of sensor",
+        ),
+    ] {
+        obs.publish(&label("s1"), body.to_vec()).await;
+        let e = obs
+            .next_json("/error", WAIT, |v| v["sensor"] == "s1")
+            .await
+            .unwrap_or_else(|| panic!("error for {why}"));
+        assert_eq!(e["kind"], "bad_label");
+        assert!(e["reason"].as_str().unwrap().contains(why), "{e}");
+    }
+    obs.sensor("s1", encode_json(Some(T0 + 24 * p), &rows(24, 4, &spec), c))
+        .await;
+    assert_eq!(
+        obs.collect("/inference/s1", 1, WAIT).await.len(),
+        1,
+        "still served"
+    );
+    let m = obs
+        .next_json("/metrics", WAIT, |v| v["labelled_windows"] == 3)
+        .await
+        .expect("metrics count the stored windows");
+    assert_eq!(m["rejected_by_reason"]["bad_label"], 4);
+    gw.stop().await.unwrap();
+
+    let store = ExclusiveStore::open(&state.join("exclusive.redb"), 100, 1).unwrap();
+    let stored = store.all().unwrap();
+    let got: Vec<(i64, &str)> = stored
+        .iter()
+        .map(|w| ((w.end_ts - T0) / p, w.class.as_str()))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (7, classes[0].as_str()),
+            (11, classes[0].as_str()),
+            (23, "downstairs")
+        ]
+    );
+    // The stored values are the standardised window, as the model saw it.
+    let all = rows(0, 24, &spec);
+    let w0 = &stored[0].data;
+    for ch in 0..c {
+        for t in 0..spec.window {
+            let want = (all[t * c + ch] - spec.mean[ch]) / spec.std[ch];
+            assert!((w0[ch * spec.window + t] - want).abs() < 1e-5);
+        }
+    }
+}
