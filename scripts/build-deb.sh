@@ -2,7 +2,7 @@
 # Builds the Debian package of the gateway (target/debian/diredi-gateway_<version>-1_<arch>.deb)
 # with cargo-deb, from the [package.metadata.deb] section of gateway/Cargo.toml:
 #   /usr/bin/diredi-gateway, /etc/diredi/{gateway,rumqttd}.toml (conffiles),
-#   /usr/share/diredi/models/hapt-student-v1.{onnx,json}, /usr/lib/diredi/libonnxruntime.so.1.31.1,
+#   /usr/share/diredi/models/hapt-student-v1.{onnx,json,probe}, /usr/lib/diredi/libonnxruntime.so.1.31.1,
 #   /usr/lib/systemd/system/diredi-gateway.service, /usr/lib/sysusers.d/diredi-gateway.conf.
 #
 # usage: scripts/build-deb.sh [--arch x86_64|aarch64] [--no-build] [-- CARGO-DEB-ARGS...]
@@ -48,7 +48,7 @@ esac
 
 # The model is not built here: it comes out of the cloud worker and must be signed.
 missing=()
-for f in onnx-models/hapt-student-v1.onnx onnx-models/hapt-student-v1.json; do
+for f in onnx-models/hapt-student-v1.onnx onnx-models/hapt-student-v1.json onnx-models/hapt-student-v1.probe; do
     [[ -f "$f" ]] || missing+=("$f")
 done
 if ((${#missing[@]})); then
@@ -92,6 +92,7 @@ listing="$(dpkg-deb -c "$out")"
 status=0
 for path in ./usr/bin/diredi-gateway ./etc/diredi/gateway.toml ./etc/diredi/rumqttd.toml \
         ./usr/share/diredi/models/hapt-student-v1.onnx ./usr/share/diredi/models/hapt-student-v1.json \
+        ./usr/share/diredi/models/hapt-student-v1.probe \
         ./usr/lib/diredi/libonnxruntime.so.1.31.1 ./usr/lib/systemd/system/diredi-gateway.service \
         ./usr/lib/sysusers.d/diredi-gateway.conf; do
     if ! grep -q " $path\$" <<<"$listing"; then

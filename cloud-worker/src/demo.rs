@@ -51,6 +51,11 @@ pub struct DemoArgs {
     /// The manifest of the model the gateway serves (for its window length).
     #[arg(long, default_value = "onnx-models/hapt-student-v1.json")]
     pub model: PathBuf,
+    /// Also publish the dataset's labels and score the results against them. The gateway
+    /// stores labelled windows as the user's exclusive data, so leave this off before a
+    /// DiReDi cycle on the same user.
+    #[arg(long)]
+    pub labels: bool,
     /// Seconds to wait for the gateway's online status.
     #[arg(long, default_value_t = 30)]
     pub wait_s: u64,
@@ -77,6 +82,8 @@ pub struct DemoSummary {
     pub per_class: BTreeMap<String, (usize, usize)>,
     /// Model versions seen in results.
     pub versions: BTreeMap<u64, usize>,
+    /// Results per predicted label.
+    pub predicted: BTreeMap<String, usize>,
 }
 
 /// Runs the demo; returns the summary printed at the end.
@@ -152,7 +159,7 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> Result<DemoSumm
         qos: 1,
         limit_seconds: None,
         repeat: false,
-        labels: true,
+        labels: args.labels,
     };
     println!(
         "replaying subject {} session {} of {} as sensor {sensor} at {}x realtime",
@@ -287,6 +294,7 @@ fn score(results: &[InferenceMsg], runs: &[Run], window_ms: i64) -> DemoSummary 
     };
     for r in results {
         *s.versions.entry(r.model_version).or_default() += 1;
+        *s.predicted.entry(r.label.clone()).or_default() += 1;
         let start = r.ts - window_ms;
         let Some(run) = runs.iter().find(|run| run.from <= start && r.ts <= run.to) else {
             continue;
@@ -303,10 +311,14 @@ fn score(results: &[InferenceMsg], runs: &[Run], window_ms: i64) -> DemoSummary 
 
 fn print_summary(s: &DemoSummary) {
     println!();
-    println!(
-        "{} results; {} windows lie inside one labelled activity",
-        s.results, s.scored
-    );
+    if s.scored > 0 {
+        println!(
+            "{} results; {} windows lie inside one labelled activity",
+            s.results, s.scored
+        );
+    } else {
+        println!("{} results", s.results);
+    }
     for (class, (n, ok)) in &s.per_class {
         println!(
             "  {class:<12} {ok:>4}/{n:<4} {:>5.1}%",
@@ -321,6 +333,12 @@ fn print_summary(s: &DemoSummary) {
     }
     for (v, n) in &s.versions {
         println!("model v{v}: {n} results");
+    }
+    if s.scored == 0 {
+        let mut shown: Vec<_> = s.predicted.iter().collect();
+        shown.sort_by(|a, b| b.1.cmp(a.1));
+        let line: Vec<String> = shown.iter().map(|(c, n)| format!("{c} {n}")).collect();
+        println!("labels given: {}", line.join(", "));
     }
 }
 

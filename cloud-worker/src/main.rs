@@ -169,9 +169,24 @@ enum Command {
     BenchGateway(bench_gateway::BenchGatewayArgs),
     /// Replay a dataset's recordings over MQTT as sensors.
     Simulate(simulate::SimulateArgs),
+    /// The whole DiReDi cycle against a running gateway and cloud worker: a user's accuracy
+    /// before, labels, adaptation, knowledge, new model, accuracy after, bytes that left.
+    Cycle {
+        #[command(flatten)]
+        args: diredi_cloud_worker::cycle_demo::CycleArgs,
+        /// Write the report here as JSON.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// Serve gateways: knowledge in (MQTT shared subscription), teacher update,
+    /// re-distillation, deploy gate, signed model out.
+    Serve(diredi_cloud_worker::serve::ServeArgs),
     /// The README's main job: replay a user's recordings to a running gateway and show its
     /// results live, with accuracy per class at the end.
     Demo(demo::DemoArgs),
+    /// The whole DiReDi cycle for every user of a split (S0, LOCAL, DIREDI, UPLOAD), with
+    /// knowledge size, timings and a membership-inference check; JSON and a Markdown report.
+    Bench(diredi_cloud_worker::cycle_bench::BenchArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -336,6 +351,31 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Demo(args) => with_runtime(|token| demo::run(args, token)).map(|_| ()),
+        Command::Cycle { args, json } => {
+            let r = with_runtime(|token| async move {
+                diredi_cloud_worker::cycle_demo::run(&args, token).await
+            })?;
+            println!(
+                "DiReDi cycle for user {}: accuracy {:.1}% -> {:.1}% (model v{} -> v{}); {} bytes of \
+                 knowledge left the gateway instead of {} bytes of raw labelled data ({:.1}%)",
+                r.subject,
+                r.accuracy_before * 100.0,
+                r.accuracy_after * 100.0,
+                r.version_before,
+                r.version_after,
+                r.knowledge_bytes,
+                r.exclusive_raw_bytes,
+                100.0 * r.knowledge_bytes as f64 / r.exclusive_raw_bytes.max(1) as f64
+            );
+            if let Some(path) = json {
+                std::fs::write(&path, serde_json::to_vec_pretty(&r)?)?;
+            }
+            Ok(())
+        }
+        Command::Serve(args) => {
+            with_runtime(|token| diredi_cloud_worker::serve::run(args, token)).map(|_| ())
+        }
+        Command::Bench(args) => diredi_cloud_worker::cycle_bench::run(&args, machine()),
     }
 }
 

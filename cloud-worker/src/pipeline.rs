@@ -11,6 +11,7 @@ use anyhow::{bail, Context, Result};
 use diredi_learn::dataset::Dataset;
 use diredi_learn::metrics::{evaluate, Evaluation};
 use diredi_learn::model::{ModelConfig, Net};
+use diredi_learn::probe::ProbeSet;
 use diredi_learn::split::{Split, SplitConfig};
 use diredi_learn::train::{
     predict, predict_classes, train_distill, train_supervised, DistillPart, Labelled, TrainConfig,
@@ -211,7 +212,13 @@ pub struct ExportSpec<'a> {
     pub metrics: serde_json::Value,
 }
 
-/// Exports `student` to `<out>/<model_id>-v<version>.onnx` with a signed manifest beside it;
+/// Windows of the probe set shipped beside every exported model (see
+/// [`diredi_learn::probe`]): balanced over the model's classes, from the presumed validation
+/// subjects (manufacturer data, never user data).
+pub const PROBE_WINDOWS: usize = 256;
+
+/// Exports `student` to `<out>/<model_id>-v<version>.onnx` with its probe set
+/// (`<model_id>-v<version>.probe`) and a signed manifest beside it that references both;
 /// returns the manifest path.
 pub fn export_signed(
     student: &Net,
@@ -223,6 +230,11 @@ pub fn export_signed(
     let k = student.config().num_classes;
     let stem = format!("{}-v{}", spec.model_id, spec.version);
     let onnx_file = format!("{stem}.onnx");
+    let probe_file = format!("{stem}.probe");
+    let probe = ProbeSet::select(&split.presumed_val, &split.classes[..k], PROBE_WINDOWS)?;
+    let probe_bytes = probe.to_bytes()?;
+    let manifest_path = spec.out_dir.join(format!("{stem}.json"));
+    let metrics = keep_training_record(&manifest_path, &sha256_hex(&onnx), &spec.metrics);
     let manifest = json!({
         "format": MANIFEST_FORMAT,
         "model_id": spec.model_id,
@@ -244,17 +256,40 @@ pub fn export_signed(
         "output": {"name": "probabilities", "kind": "probabilities"},
         "classes": split.classes[..k],
         "params": student.param_count(),
-        "metrics": spec.metrics,
+        "metrics": metrics,
+        "probe": {"file": probe_file, "sha256": sha256_hex(&probe_bytes)},
         "split": split.name,
     });
     let signed = sign_manifest(&manifest, &onnx, key)?;
     std::fs::create_dir_all(spec.out_dir)
         .with_context(|| format!("creating {}", spec.out_dir.display()))?;
     let onnx_path = spec.out_dir.join(&onnx_file);
-    let manifest_path = spec.out_dir.join(format!("{stem}.json"));
     write_atomic(&onnx_path, &onnx)?;
+    write_atomic(&spec.out_dir.join(&probe_file), &probe_bytes)?;
     write_atomic(&manifest_path, &serde_json::to_vec_pretty(&signed)?)?;
     Ok(manifest_path)
+}
+
+/// `metrics`, plus the `training` record of the manifest already at `path` when that manifest
+/// describes the same ONNX bytes and `metrics` has none: re-exporting the same weights (for
+/// example to add a probe set) keeps how they were trained.
+fn keep_training_record(
+    path: &Path,
+    sha256: &str,
+    metrics: &serde_json::Value,
+) -> serde_json::Value {
+    let mut out = metrics.clone();
+    let old: Option<serde_json::Value> = std::fs::read(path)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok());
+    if let (Some(old), serde_json::Value::Object(m)) = (old, &mut out) {
+        if old["sha256"] == sha256 && !m.contains_key("training") {
+            if let Some(t) = old["metrics"].get("training") {
+                m.insert("training".to_owned(), t.clone());
+            }
+        }
+    }
+    out
 }
 
 /// Writes through a temporary file and a rename, so a reader never sees half a file.

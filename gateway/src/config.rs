@@ -28,6 +28,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use diredi_learn::adapt::AdaptConfig;
+use diredi_learn::knowledge::QuantConfig;
 use diredi_protocol::manifest::{PublicKey, TrustedKeys};
 use diredi_protocol::topics::Topics;
 use serde::{Deserialize, Serialize};
@@ -318,6 +320,34 @@ pub struct RawLearning {
     pub recent_windows: usize,
     /// Label ranges kept per sensor for windows that complete after them.
     pub label_spans: usize,
+    /// Knowledge packages kept until the cloud acknowledges them.
+    pub max_outbox: usize,
+    /// Local adaptation hyper-parameters (see diredi-learn's `AdaptConfig`), including the
+    /// probe guard's `guard_margin`.
+    pub adapt: AdaptConfig,
+    /// Quantisation of the knowledge delta: `bits` (8 or 4) and `keep` (fraction of each
+    /// tensor's entries kept, largest first).
+    pub quant: RawQuant,
+}
+
+/// `[learning.quant]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawQuant {
+    /// Bits per kept value: 8 or 4.
+    pub bits: u8,
+    /// Fraction of each tensor's entries kept (1 = dense).
+    pub keep: f32,
+}
+
+impl Default for RawQuant {
+    fn default() -> Self {
+        let q = QuantConfig::default();
+        RawQuant {
+            bits: q.bits,
+            keep: q.keep,
+        }
+    }
 }
 
 impl Default for RawLearning {
@@ -329,6 +359,9 @@ impl Default for RawLearning {
             max_new_classes: 2,
             recent_windows: 32,
             label_spans: 256,
+            max_outbox: 16,
+            adapt: AdaptConfig::default(),
+            quant: RawQuant::default(),
         }
     }
 }
@@ -346,6 +379,12 @@ pub struct LearningConfig {
     pub recent_windows: usize,
     /// Label ranges kept per sensor.
     pub label_spans: usize,
+    /// Knowledge packages kept until acknowledged.
+    pub max_outbox: usize,
+    /// Adaptation hyper-parameters.
+    pub adapt: AdaptConfig,
+    /// Knowledge quantisation.
+    pub quant: QuantConfig,
 }
 
 /// `[homeassistant]`: MQTT discovery for Home Assistant.
@@ -1081,6 +1120,22 @@ pub fn compile(raw: &RawConfig, base: &Path, source: Option<&Path>) -> Result<Co
     c.range("learning.max_new_classes", l.max_new_classes, 0, 64);
     c.range("learning.recent_windows", l.recent_windows, 0, 4096);
     c.range("learning.label_spans", l.label_spans, 1, 1 << 16);
+    c.range("learning.max_outbox", l.max_outbox, 1, 4096);
+    if let Err(e) = l.adapt.validate() {
+        c.problem("learning.adapt", e.to_string());
+    }
+    if !(l.quant.bits == 8 || l.quant.bits == 4) {
+        c.problem(
+            "learning.quant.bits",
+            format!("is {}; expected 8 or 4", l.quant.bits),
+        );
+    }
+    if !(l.quant.keep > 0.0 && l.quant.keep <= 1.0) {
+        c.problem(
+            "learning.quant.keep",
+            format!("is {}; expected more than 0, at most 1", l.quant.keep),
+        );
+    }
     let learning = l.enabled.then(|| LearningConfig {
         state_dir: if l.state_dir.is_empty() {
             default_state_dir()
@@ -1091,6 +1146,16 @@ pub fn compile(raw: &RawConfig, base: &Path, source: Option<&Path>) -> Result<Co
         max_new_classes: l.max_new_classes,
         recent_windows: l.recent_windows,
         label_spans: l.label_spans,
+        max_outbox: l.max_outbox,
+        adapt: AdaptConfig {
+            // One limit for labels and adaptation: the store's.
+            max_new_classes: l.max_new_classes,
+            ..l.adapt.clone()
+        },
+        quant: QuantConfig {
+            bits: l.quant.bits,
+            keep: l.quant.keep,
+        },
     });
 
     match (topics, c.problems.is_empty()) {

@@ -35,12 +35,15 @@ pub mod broker;
 pub mod config;
 pub mod homeassistant;
 pub mod inference;
+pub mod install;
 pub mod labels;
+pub mod learner;
 pub mod logging;
 pub mod metrics;
 pub mod model;
 pub mod mqtt;
 pub mod notify;
+pub mod outbox;
 pub mod pipeline;
 pub mod ratelimit;
 pub mod report;
@@ -54,7 +57,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use diredi_protocol::messages::GatewayState;
+use diredi_protocol::messages::{CommandMsg, ErrorMsg, GatewayState};
 use diredi_protocol::sensor::DecodeLimits;
 use rumqttc::{AsyncClient, EventLoop};
 use tokio::sync::{mpsc, watch};
@@ -72,6 +75,9 @@ use crate::notify::{ExitGuard, Health, LoopHealth, Notifier, Systemd, ThreadHeal
 use crate::pipeline::{run_shard, unix_ms, SensorRegistry, Shard, ShardLearning, ShardSettings};
 use crate::report::{Publisher, Reporter};
 use crate::status::{Identity, OutMessage};
+
+/// How often pending knowledge packages are published again until the cloud acknowledges.
+const KNOWLEDGE_RETRY: Duration = Duration::from_secs(15);
 
 /// Why the gateway stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -164,12 +170,18 @@ pub async fn run_with(
     let topics = config.topics.clone();
 
     // Model first: without one there is nothing to serve.
-    let model = match options.model {
-        Some(m) => m,
+    // An installed update (in the state directory) wins over the configured model when newer.
+    let state_dir = config.learning.as_ref().map(|l| l.state_dir.clone());
+    let (model, model_path) = match options.model {
+        Some(m) => (m, None),
         None => {
             notifier.status("Loading the model");
-            let (mc, rc) = (config.model.clone(), config.runtime.clone());
-            tokio::task::spawn_blocking(move || model::load(&mc, &rc))
+            let (mc, rc, sd) = (
+                config.model.clone(),
+                config.runtime.clone(),
+                state_dir.clone(),
+            );
+            tokio::task::spawn_blocking(move || install::startup_model(&mc, &rc, sd.as_deref()))
                 .await
                 .map_err(|e| GatewayError::Pipeline(format!("model loading task failed: {e}")))??
         }
@@ -217,19 +229,45 @@ pub async fn run_with(
     let registry = Arc::new(SensorRegistry::new(p.max_sensors));
     let intake_open = Arc::new(AtomicBool::new(true));
     let pending = Arc::new(AtomicUsize::new(0));
-    let learning = match &config.learning {
+    let (learning, learner) = match &config.learning {
         Some(l) => {
             let path = l.state_dir.join("exclusive.redb");
-            let store = store::ExclusiveStore::open(&path, l.max_windows, l.max_new_classes)?;
-            tracing::info!(path = %path.display(), windows = store.len()?, "Exclusive data store open.");
-            Some(ShardLearning {
-                store: Arc::new(store),
-                recent_windows: l.recent_windows,
-                label_spans: l.label_spans,
-            })
+            let store = Arc::new(store::ExclusiveStore::open(
+                &path,
+                l.max_windows,
+                l.max_new_classes,
+            )?);
+            let outbox_path = l.state_dir.join("outbox.redb");
+            let outbox = outbox::Outbox::open(&outbox_path, l.max_outbox)
+                .map_err(|e| GatewayError::Pipeline(e.to_string()))?;
+            tracing::info!(
+                path = %path.display(),
+                windows = store.len()?,
+                outbox_pending = outbox.len().unwrap_or(0),
+                "Exclusive data store and knowledge outbox open."
+            );
+            let learner = Arc::new(learner::Learner::new(
+                store.clone(),
+                Arc::new(outbox),
+                model.clone(),
+                topics.clone(),
+                l.adapt.clone(),
+                l.quant.clone(),
+                metrics.clone(),
+            ));
+            (
+                Some(ShardLearning {
+                    store,
+                    recent_windows: l.recent_windows,
+                    label_spans: l.label_spans,
+                }),
+                Some(learner),
+            )
         }
-        None => None,
+        None => (None, None),
     };
+    // Commands, receipts and model chunks (a burst when retained chunks are delivered).
+    let (control_tx, mut control_rx) = tokio::sync::mpsc::channel::<mqtt::Control>(1024);
     let settings = ShardSettings {
         limits: DecodeLimits {
             max_payload_bytes: p.max_payload_bytes,
@@ -332,6 +370,13 @@ pub async fn run_with(
                 let mut subs = vec![(topics.sensor_filter(), data_qos)];
                 if config.learning.is_some() {
                     subs.push((topics.label_filter(), rumqttc::QoS::AtLeastOnce));
+                    subs.push((topics.command(), rumqttc::QoS::AtLeastOnce));
+                    subs.push((topics.knowledge_ack(), rumqttc::QoS::AtLeastOnce));
+                    subs.push((topics.model(), rumqttc::QoS::AtLeastOnce));
+                    subs.push((
+                        diredi_protocol::topics::FLEET_MODEL.to_owned(),
+                        rumqttc::QoS::AtLeastOnce,
+                    ));
                 }
                 subs
             },
@@ -340,17 +385,20 @@ pub async fn run_with(
                 .homeassistant
                 .as_deref()
                 .map(homeassistant::birth_topic),
-            intake: Some(Intake::new(
-                topics.clone(),
-                shard_txs,
-                intake_open.clone(),
-                pending.clone(),
-                metrics.clone(),
-                reporter.clone(),
-                config.errors_per_sensor_per_second,
-            )),
+            intake: Some(
+                Intake::new(
+                    topics.clone(),
+                    shard_txs,
+                    intake_open.clone(),
+                    pending.clone(),
+                    metrics.clone(),
+                    reporter.clone(),
+                    config.errors_per_sensor_per_second,
+                )
+                .with_control(control_tx),
+            ),
             backoff: Backoff::new(config.mqtt.reconnect_min, config.mqtt.reconnect_max),
-            state,
+            state: state.clone(),
         },
         client,
         eventloop,
@@ -377,6 +425,62 @@ pub async fn run_with(
     });
 
     let tasks_stop = CancellationToken::new();
+    // Commands and the cloud's receipts; the knowledge outbox's sender.
+    let mut learner_tasks = Vec::new();
+    if let (Some(learner), Some(state_dir)) = (&learner, &state_dir) {
+        let (l, reporter, stop) = (learner.clone(), reporter.clone(), tasks_stop.clone());
+        let mut installer = install::Installer::new(
+            topics.clone(),
+            identity.clone(),
+            local.client.clone(),
+            model.clone(),
+            config.model.clone(),
+            config.runtime.clone(),
+            state_dir,
+            model_path.clone(),
+        );
+        let command_topic = topics.command();
+        learner_tasks.push(tokio::spawn(async move {
+            loop {
+                let msg = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    m = control_rx.recv() => m,
+                };
+                match msg {
+                    Some(mqtt::Control::Command(p)) => match CommandMsg::parse(&p) {
+                        Ok(CommandMsg::Rollback { .. }) => {
+                            if let Err(e) = installer.rollback().await {
+                                reporter.reject(
+                                    ratelimit::Verdict::Send {
+                                        suppressed_before: 0,
+                                    },
+                                    ErrorMsg {
+                                        topic: command_topic.clone(),
+                                        sensor: None,
+                                        reason: format!("rollback: {e}"),
+                                        kind: metrics::kinds::BAD_COMMAND.to_owned(),
+                                        ts: unix_ms(),
+                                    },
+                                );
+                            }
+                        }
+                        _ => l.on_command(&p, &reporter),
+                    },
+                    Some(mqtt::Control::KnowledgeAck(p)) => l.on_ack(&p),
+                    Some(mqtt::Control::Model { topic, payload }) => {
+                        installer.on_message(&topic, &payload).await
+                    }
+                    None => return,
+                }
+            }
+        }));
+        learner_tasks.push(tokio::spawn(learner.clone().run_sender(
+            publisher.clone(),
+            state.clone(),
+            KNOWLEDGE_RETRY,
+            tasks_stop.clone(),
+        )));
+    }
     if let Some(interval) = config.metrics_interval {
         tokio::spawn(metrics_task(
             publisher.clone(),
@@ -385,6 +489,7 @@ pub async fn run_with(
             metrics.clone(),
             queue.clone(),
             pending.clone(),
+            learner.clone(),
             interval,
             tasks_stop.clone(),
         ));
@@ -456,6 +561,13 @@ pub async fn run_with(
         close(c, &offline).await;
     }
     tasks_stop.cancel();
+    // The store and the outbox close when the last task holding them ends.
+    for t in learner_tasks {
+        let _ = t.await;
+    }
+    if let Some(l) = &learner {
+        l.wait_idle(Duration::from_secs(30)).await;
+    }
     let m = metrics.snapshot(unix_ms(), QueueLevels::default());
     tracing::info!(
         messages_in = m.base.messages_in,
@@ -497,6 +609,7 @@ async fn metrics_task(
     metrics: Arc<Metrics>,
     queue: Arc<WindowQueue>,
     pending: Arc<AtomicUsize>,
+    learner: Option<Arc<learner::Learner>>,
     interval: Duration,
     stop: CancellationToken,
 ) {
@@ -513,6 +626,7 @@ async fn metrics_task(
                 inference_depth: queue.len(),
                 inference_capacity: queue.capacity(),
                 ingest_depth: pending.load(Ordering::Relaxed),
+                outbox_pending: learner.as_ref().map_or(0, |l| l.outbox_pending()),
             },
         );
         match serde_json::to_vec(&snapshot) {

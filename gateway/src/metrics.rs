@@ -150,6 +150,14 @@ pub struct Metrics {
     pub labels_in: AtomicU64,
     /// Windows stored in the exclusive store (new or relabelled).
     pub labelled_windows: AtomicU64,
+    /// Adaptations that produced a knowledge package.
+    pub adaptations: AtomicU64,
+    /// Adaptations that failed or that the probe guard refused.
+    pub adaptations_failed: AtomicU64,
+    /// Knowledge publications (first sends and retries).
+    pub knowledge_sent: AtomicU64,
+    /// Knowledge packages the cloud acknowledged.
+    pub knowledge_acked: AtomicU64,
     rejected: BTreeMap<&'static str, AtomicU64>,
     latency: Mutex<LatencyHistogram>,
 }
@@ -191,6 +199,16 @@ pub struct GatewayMetrics {
     /// Windows stored in the exclusive store (new or relabelled); the windows themselves
     /// never leave the gateway.
     pub labelled_windows: u64,
+    /// Adaptations that produced a knowledge package.
+    pub adaptations: u64,
+    /// Adaptations that failed or that the probe guard refused.
+    pub adaptations_failed: u64,
+    /// Knowledge publications (first sends and retries).
+    pub knowledge_sent: u64,
+    /// Knowledge packages the cloud acknowledged.
+    pub knowledge_acked: u64,
+    /// Knowledge packages waiting in the outbox for the cloud's acknowledgement.
+    pub outbox_pending: u64,
 }
 
 /// Queue levels sampled when a snapshot is taken.
@@ -202,6 +220,8 @@ pub struct QueueLevels {
     pub inference_capacity: usize,
     /// Messages waiting in the decode queues.
     pub ingest_depth: usize,
+    /// Knowledge packages waiting in the outbox.
+    pub outbox_pending: usize,
 }
 
 fn load(c: &AtomicU64) -> u64 {
@@ -234,6 +254,10 @@ impl Metrics {
             sensors: AtomicU64::new(0),
             labels_in: AtomicU64::new(0),
             labelled_windows: AtomicU64::new(0),
+            adaptations: AtomicU64::new(0),
+            adaptations_failed: AtomicU64::new(0),
+            knowledge_sent: AtomicU64::new(0),
+            knowledge_acked: AtomicU64::new(0),
             rejected,
             latency: Mutex::new(LatencyHistogram::default()),
         }
@@ -308,6 +332,11 @@ impl Metrics {
             messages_ignored: load(&self.messages_ignored),
             labels_in: load(&self.labels_in),
             labelled_windows: load(&self.labelled_windows),
+            adaptations: load(&self.adaptations),
+            adaptations_failed: load(&self.adaptations_failed),
+            knowledge_sent: load(&self.knowledge_sent),
+            knowledge_acked: load(&self.knowledge_acked),
+            outbox_pending: queues.outbox_pending as u64,
         }
     }
 }

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use diredi_infer::{Classifier, InferError, OrtClassifier, SessionConfig};
 use diredi_protocol::manifest::{
-    InputSpec, Layout, ManifestError, OutputKind, ReceivedModel, VerifiedModel,
+    InputSpec, Layout, Manifest, ManifestError, OutputKind, ReceivedModel, VerifiedModel,
 };
 
 use crate::config::{ModelConfig, RuntimeConfig};
@@ -109,11 +109,25 @@ impl ModelSpec {
 
 static GENERATION: AtomicU64 = AtomicU64::new(1);
 
+/// What adaptation needs of the installed model besides its classifier: the verified
+/// manifest, the ONNX bytes (the base of the knowledge delta) and the probe file's bytes.
+#[derive(Debug, Clone)]
+pub struct ModelSource {
+    /// The verified manifest.
+    pub manifest: Manifest,
+    /// The verified ONNX bytes.
+    pub onnx: Arc<[u8]>,
+    /// The probe file named by the manifest, its sha256 checked; `None` when the manifest
+    /// names none.
+    pub probe: Option<Arc<[u8]>>,
+}
+
 /// A verified model with its classifier, ready to serve.
 pub struct LoadedModel {
     generation: u64,
     spec: ModelSpec,
     classifier: Box<dyn Classifier>,
+    source: Option<Arc<ModelSource>>,
 }
 
 impl std::fmt::Debug for LoadedModel {
@@ -166,7 +180,19 @@ impl LoadedModel {
             generation: GENERATION.fetch_add(1, Ordering::Relaxed),
             spec,
             classifier,
+            source: None,
         })
+    }
+
+    /// Attaches the model's source (manifest, ONNX bytes, probe), which adaptation needs.
+    pub fn with_source(mut self, source: ModelSource) -> Self {
+        self.source = Some(Arc::new(source));
+        self
+    }
+
+    /// The model's source, when it was loaded from files (not for test fakes).
+    pub fn source(&self) -> Option<&Arc<ModelSource>> {
+        self.source.as_ref()
     }
 
     /// Process-unique number of this model instance.
@@ -258,7 +284,38 @@ pub fn load(model: &ModelConfig, runtime: &RuntimeConfig) -> Result<LoadedModel,
         providers: runtime.providers.clone(),
     };
     let classifier = OrtClassifier::from_bytes(verified.onnx(), &session)?;
-    LoadedModel::new(&verified, Box::new(classifier))
+    let manifest_path = model.manifest.as_deref().ok_or(ModelError::NotConfigured)?;
+    let probe = read_probe(manifest_path, verified.manifest())?;
+    let loaded = LoadedModel::new(&verified, Box::new(classifier))?;
+    let (manifest, onnx) = verified.into_parts();
+    Ok(loaded.with_source(ModelSource {
+        manifest,
+        onnx: onnx.into(),
+        probe,
+    }))
+}
+
+/// The probe file the manifest names (beside the manifest), checked against its sha256.
+pub fn read_probe(manifest_path: &Path, m: &Manifest) -> Result<Option<Arc<[u8]>>, ModelError> {
+    let Some(probe) = &m.probe else {
+        return Ok(None);
+    };
+    let p = Path::new(&probe.file);
+    if p.components().count() != 1 || p.file_name().is_none() {
+        return Err(ModelError::OnnxFileName {
+            manifest: manifest_path.to_path_buf(),
+            name: probe.file.clone(),
+        });
+    }
+    let bytes = read(&manifest_path.with_file_name(p))?;
+    let found = diredi_protocol::manifest::sha256_hex(&bytes);
+    if found != probe.sha256 {
+        return Err(ModelError::Unsupported(format!(
+            "probe file {} has sha256 {found}, the signed manifest says {}",
+            probe.file, probe.sha256
+        )));
+    }
+    Ok(Some(bytes.into()))
 }
 
 #[cfg(test)]

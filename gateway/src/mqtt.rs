@@ -85,8 +85,25 @@ pub fn options(cfg: &MqttConfig, will: &OutMessage) -> MqttOptions {
     o
 }
 
+/// Messages for the gateway's control task (commands, the cloud's receipts).
+#[derive(Debug)]
+pub enum Control {
+    /// A payload on `command`.
+    Command(Vec<u8>),
+    /// A payload on `knowledge/ack`.
+    KnowledgeAck(Vec<u8>),
+    /// A model announcement or chunk (`model`, `fleet/model`, `.../model/chunk/...`).
+    Model {
+        /// Its topic.
+        topic: String,
+        /// Its payload.
+        payload: Vec<u8>,
+    },
+}
+
 /// Routes sensor messages from the event loop to the decode threads.
 pub struct Intake {
+    control: Option<tokio::sync::mpsc::Sender<Control>>,
     topics: Topics,
     shards: Vec<SyncSender<Ingest>>,
     open: Arc<AtomicBool>,
@@ -108,6 +125,7 @@ impl Intake {
         errors_per_second: u32,
     ) -> Self {
         Intake {
+            control: None,
             topics,
             shards,
             open,
@@ -116,6 +134,13 @@ impl Intake {
             reporter,
             bad_ids: KeyedLimiter::new(errors_per_second, 64),
         }
+    }
+
+    /// Also routes commands and knowledge receipts, to `tx` (bounded; a full channel drops
+    /// the message with a warning).
+    pub fn with_control(mut self, tx: tokio::sync::mpsc::Sender<Control>) -> Self {
+        self.control = Some(tx);
+        self
     }
 
     /// Routes one received message. Never blocks: a full decode queue drops the message and
@@ -143,6 +168,29 @@ impl Intake {
                     ts: unix_ms(),
                 };
                 self.reporter.reject(verdict, msg);
+                return;
+            }
+            r @ (Route::Command
+            | Route::KnowledgeAck
+            | Route::Model
+            | Route::FleetModel
+            | Route::ModelChunk)
+                if self.control.is_some() =>
+            {
+                let payload = publish.payload.to_vec();
+                let msg = match r {
+                    Route::Command => Control::Command(payload),
+                    Route::KnowledgeAck => Control::KnowledgeAck(payload),
+                    _ => Control::Model {
+                        topic: publish.topic.clone(),
+                        payload,
+                    },
+                };
+                if let Some(tx) = &self.control {
+                    if tx.try_send(msg).is_err() {
+                        tracing::warn!(topic = %publish.topic, "Control queue full; message dropped.");
+                    }
+                }
                 return;
             }
             _ => {

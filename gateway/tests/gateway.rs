@@ -13,6 +13,8 @@ mod bad_input;
 mod cli;
 #[path = "gateway/e2e.rs"]
 mod e2e;
+#[path = "gateway/install.rs"]
+mod install;
 #[path = "gateway/labels.rs"]
 mod labels;
 #[path = "gateway/onnx.rs"]

@@ -710,6 +710,49 @@ impl Net {
         Ok(())
     }
 
+    /// Builds a network from named tensors: exactly the names and shapes that `config` needs
+    /// (those of [`Net::named_vars`]), for example weights read back from an ONNX file.
+    /// `seed` seeds dropout only.
+    pub fn from_named(
+        config: ModelConfig,
+        tensors: HashMap<String, Tensor>,
+        seed: u64,
+    ) -> Result<Self, ModelError> {
+        config.validate()?;
+        let specs = param_specs(&config);
+        let mut problems = Vec::new();
+        for s in &specs {
+            match tensors.get(&s.name) {
+                None => problems.push(format!("tensor `{}` missing", s.name)),
+                Some(t) if t.dims() != s.shape.as_slice() => problems.push(format!(
+                    "tensor `{}` has shape {:?}, the config needs {:?}",
+                    s.name,
+                    t.dims(),
+                    s.shape
+                )),
+                Some(_) => {}
+            }
+        }
+        if tensors.len() != specs.len() {
+            let known: std::collections::HashSet<&str> =
+                specs.iter().map(|s| s.name.as_str()).collect();
+            for name in tensors.keys().filter(|k| !known.contains(k.as_str())) {
+                problems.push(format!("unexpected tensor `{name}`"));
+            }
+        }
+        if !problems.is_empty() {
+            problems.sort();
+            return Err(ModelError::Config(problems.join("; ")));
+        }
+        Self::from_tensors(config, tensors, seed)
+    }
+
+    /// An independent copy (same configuration, copied variables, running statistics included).
+    pub fn try_clone(&self) -> Result<Self, ModelError> {
+        let values = self.snapshot()?.into_iter().collect();
+        Self::from_tensors(self.config.clone(), values, 0)
+    }
+
     /// Grows the head to `new_k` classes: old rows are kept, new rows are drawn like a fresh
     /// head from `seed`. Optimisers created before this call no longer see the head.
     pub fn extend_head(&mut self, new_k: usize, seed: u64) -> Result<(), ModelError> {

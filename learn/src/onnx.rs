@@ -10,6 +10,11 @@
 //! weights ([`Net::folded`]) and dropout disappears. The bytes are a pure function of the
 //! network's weights and configuration (no time stamps), so the same weights always hash the
 //! same.
+//!
+//! [`import`] is the way back: it rebuilds a trainable candle [`Net`] (without batch norm, the
+//! norm being folded) from a file this module exported. The gateway and the cloud both adapt
+//! the *installed* student, so both start from `import(installed .onnx)` and knowledge deltas
+//! are relative to exactly those weights. `export(import(bytes)) == bytes` for our files.
 
 use prost::Message;
 use tract_onnx::pb::{
@@ -18,7 +23,11 @@ use tract_onnx::pb::{
     TensorShapeProto, TypeProto, ValueInfoProto,
 };
 
-use crate::model::{FoldedDense, ModelError, Net};
+use std::collections::HashMap;
+
+use candle_core::{Device, Tensor};
+
+use crate::model::{Arch, ConvSpec, FoldedDense, ModelConfig, ModelError, Net};
 
 /// Opset of the exported graph (ONNX Runtime 1.31 supports up to 23).
 pub const OPSET: i64 = 17;
@@ -38,6 +47,15 @@ pub enum OnnxError {
     /// A dimension does not fit the ONNX integer type.
     #[error("dimension {0} is too large for ONNX")]
     Dimension(usize),
+    /// The bytes are not an ONNX protobuf.
+    #[error("not an ONNX model: {0}")]
+    Decode(String),
+    /// The graph is valid ONNX but not one this module exports.
+    #[error("unsupported ONNX graph: {0}")]
+    Unsupported(String),
+    /// Building the network failed.
+    #[error("tensor operation failed: {0}")]
+    Candle(#[from] candle_core::Error),
 }
 
 fn dim(v: usize) -> Result<i64, OnnxError> {
@@ -229,6 +247,283 @@ pub fn to_model_proto(net: &Net) -> Result<ModelProto, OnnxError> {
 /// The network as ONNX bytes.
 pub fn export(net: &Net) -> Result<Vec<u8>, OnnxError> {
     Ok(to_model_proto(net)?.encode_to_vec())
+}
+
+/// Most bytes [`import`] accepts (a generous bound for edge models).
+pub const MAX_IMPORT_BYTES: usize = 64 << 20;
+
+fn unsupported(what: impl Into<String>) -> OnnxError {
+    OnnxError::Unsupported(what.into())
+}
+
+fn attr_ints(n: &NodeProto, name: &str) -> Option<Vec<i64>> {
+    n.attribute
+        .iter()
+        .find(|a| a.name == name)
+        .map(|a| a.ints.clone())
+}
+
+fn attr_int(n: &NodeProto, name: &str) -> Option<i64> {
+    n.attribute.iter().find(|a| a.name == name).map(|a| a.i)
+}
+
+fn to_usize(v: i64, what: &str) -> Result<usize, OnnxError> {
+    usize::try_from(v).map_err(|_| unsupported(format!("{what} is {v}")))
+}
+
+/// Dims and f32 values of an initializer (raw little-endian or `float_data`).
+fn tensor_values(t: &TensorProto) -> Result<(Vec<usize>, Vec<f32>), OnnxError> {
+    if t.data_type != DataType::Float as i32 {
+        return Err(unsupported(format!(
+            "initializer `{}` has data type {}, only float is supported",
+            t.name, t.data_type
+        )));
+    }
+    let dims = t
+        .dims
+        .iter()
+        .map(|&d| to_usize(d, &format!("a dimension of `{}`", t.name)))
+        .collect::<Result<Vec<_>, _>>()?;
+    let count = dims
+        .iter()
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+        .ok_or_else(|| unsupported(format!("`{}` is too large", t.name)))?;
+    let values: Vec<f32> = if !t.raw_data.is_empty() {
+        t.raw_data
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect()
+    } else {
+        t.float_data.clone()
+    };
+    if values.len() != count || (!t.raw_data.is_empty() && t.raw_data.len() != 4 * count) {
+        return Err(unsupported(format!(
+            "initializer `{}` holds {} values, its dims {:?} need {count}",
+            t.name,
+            values.len(),
+            dims
+        )));
+    }
+    Ok((dims, values))
+}
+
+fn input_shape(g: &GraphProto) -> Result<(usize, usize), OnnxError> {
+    let [input] = g.input.as_slice() else {
+        return Err(unsupported(format!(
+            "the graph has {} inputs, expected one",
+            g.input.len()
+        )));
+    };
+    let dims = match input.r#type.as_ref().and_then(|t| t.value.as_ref()) {
+        Some(type_proto::Value::TensorType(t)) => t.shape.as_ref().map(|s| s.dim.clone()),
+        _ => None,
+    }
+    .ok_or_else(|| unsupported("the input has no tensor shape"))?;
+    use tensor_shape_proto::dimension::Value::DimValue;
+    match dims.as_slice() {
+        [_, c, t] => match (&c.value, &t.value) {
+            (Some(DimValue(c)), Some(DimValue(t))) => {
+                Ok((to_usize(*c, "input channels")?, to_usize(*t, "window")?))
+            }
+            _ => Err(unsupported("input channels and window must be fixed")),
+        },
+        _ => Err(unsupported(format!(
+            "the input has {} dimensions, expected [batch, C, T]",
+            dims.len()
+        ))),
+    }
+}
+
+/// Rebuilds a trainable [`Net`] from ONNX bytes produced by [`export`]: `Conv`+`Relu` blocks,
+/// `GlobalAveragePool`, `Flatten`, `Gemm`(+`Relu`) layers, a `Gemm` head and `Softmax`. The
+/// result has no batch norm (it was folded) and no dropout; its outputs are the logits whose
+/// softmax the file computes. Anything else is refused with [`OnnxError::Unsupported`].
+pub fn import(bytes: &[u8]) -> Result<Net, OnnxError> {
+    if bytes.len() > MAX_IMPORT_BYTES {
+        return Err(OnnxError::Decode(format!(
+            "{} bytes, more than the {MAX_IMPORT_BYTES} accepted",
+            bytes.len()
+        )));
+    }
+    let model = ModelProto::decode(bytes).map_err(|e| OnnxError::Decode(e.to_string()))?;
+    let g = model
+        .graph
+        .ok_or_else(|| OnnxError::Decode("the model has no graph".to_owned()))?;
+    let (in_channels, window) = input_shape(&g)?;
+    let mut inits: HashMap<&str, &TensorProto> = HashMap::new();
+    for t in &g.initializer {
+        inits.insert(t.name.as_str(), t);
+    }
+    let mut tensors: HashMap<String, Tensor> = HashMap::new();
+    let take = |name: &str, want: &[usize]| -> Result<Vec<f32>, OnnxError> {
+        let t = inits
+            .get(name)
+            .ok_or_else(|| unsupported(format!("initializer `{name}` missing")))?;
+        let (dims, values) = tensor_values(t)?;
+        if dims != want {
+            return Err(unsupported(format!(
+                "initializer `{name}` is {dims:?}, expected {want:?}"
+            )));
+        }
+        Ok(values)
+    };
+
+    let mut convs = Vec::new();
+    let mut hidden = Vec::new();
+    let mut head: Option<(usize, usize)> = None;
+    let mut cin = in_channels;
+    let mut len = window;
+    let mut features: Option<usize> = None;
+    let mut pending_dense: Option<(String, usize)> = None;
+    let mut saw_softmax = false;
+    for n in &g.node {
+        if saw_softmax {
+            return Err(unsupported(format!("node `{}` after the softmax", n.name)));
+        }
+        match n.op_type.as_str() {
+            "Conv" => {
+                if features.is_some() {
+                    return Err(unsupported("a Conv after the pooling"));
+                }
+                let w = n
+                    .input
+                    .get(1)
+                    .ok_or_else(|| unsupported("Conv without weight"))?;
+                let wt = inits
+                    .get(w.as_str())
+                    .ok_or_else(|| unsupported(format!("initializer `{w}` missing")))?;
+                let dims = &wt.dims;
+                if dims.len() != 3 {
+                    return Err(unsupported(format!(
+                        "Conv weight `{w}` is not [out, in, k]"
+                    )));
+                }
+                let (out, k) = (to_usize(dims[0], "conv out")?, to_usize(dims[2], "kernel")?);
+                let stride = match attr_ints(n, "strides").as_deref() {
+                    Some([s]) => to_usize(*s, "stride")?,
+                    None => 1,
+                    _ => return Err(unsupported("Conv strides must be one integer")),
+                };
+                if attr_int(n, "group").is_some_and(|g| g != 1)
+                    || attr_ints(n, "dilations").is_some_and(|d| d.iter().any(|&v| v != 1))
+                {
+                    return Err(unsupported("grouped or dilated Conv"));
+                }
+                let spec = ConvSpec::new(out, k, stride);
+                if spec.out == 0 || spec.kernel < spec.stride || spec.stride == 0 {
+                    return Err(unsupported(format!("Conv {spec:?}")));
+                }
+                let (out_len, left, right) = spec.geometry(len);
+                let pads = attr_ints(n, "pads").unwrap_or_default();
+                if pads != [dim(left)?, dim(right)?] {
+                    return Err(unsupported(format!(
+                        "Conv pads {pads:?}, expected [{left}, {right}] (same padding)"
+                    )));
+                }
+                let i = convs.len();
+                let b = n
+                    .input
+                    .get(2)
+                    .ok_or_else(|| unsupported("Conv without bias"))?;
+                let wv = take(w, &[out, cin, k])?;
+                let bv = take(b, &[out])?;
+                tensors.insert(
+                    format!("conv{i}.weight"),
+                    Tensor::from_vec(wv, (out, cin, k), &Device::Cpu)?,
+                );
+                tensors.insert(
+                    format!("conv{i}.bias"),
+                    Tensor::from_vec(bv, out, &Device::Cpu)?,
+                );
+                convs.push(spec);
+                cin = out;
+                len = out_len;
+            }
+            "Relu" => {
+                if let Some((name, out)) = pending_dense.take() {
+                    // The Gemm just seen was a hidden layer.
+                    let j = hidden.len();
+                    let w = tensors.remove(&format!("{name}.weight"));
+                    let b = tensors.remove(&format!("{name}.bias"));
+                    if let (Some(w), Some(b)) = (w, b) {
+                        tensors.insert(format!("fc{j}.weight"), w);
+                        tensors.insert(format!("fc{j}.bias"), b);
+                    }
+                    hidden.push(out);
+                    features = Some(out);
+                }
+            }
+            "GlobalAveragePool" => features = Some(cin),
+            "Flatten" => {}
+            "Gemm" => {
+                if pending_dense.is_some() {
+                    return Err(unsupported("two Gemm without a Relu between them"));
+                }
+                let inp = features.ok_or_else(|| unsupported("a Gemm before the pooling"))?;
+                if attr_int(n, "transB") != Some(1) {
+                    return Err(unsupported("Gemm without transB = 1"));
+                }
+                let w = n
+                    .input
+                    .get(1)
+                    .ok_or_else(|| unsupported("Gemm without weight"))?;
+                let b = n
+                    .input
+                    .get(2)
+                    .ok_or_else(|| unsupported("Gemm without bias"))?;
+                let wt = inits
+                    .get(w.as_str())
+                    .ok_or_else(|| unsupported(format!("initializer `{w}` missing")))?;
+                let out = match wt.dims.first() {
+                    Some(&o) => to_usize(o, "Gemm out")?,
+                    None => return Err(unsupported("Gemm weight without dims")),
+                };
+                let wv = take(w, &[out, inp])?;
+                let bv = take(b, &[out])?;
+                let tmp = format!("gemm{}", hidden.len());
+                tensors.insert(
+                    format!("{tmp}.weight"),
+                    Tensor::from_vec(wv, (out, inp), &Device::Cpu)?,
+                );
+                tensors.insert(
+                    format!("{tmp}.bias"),
+                    Tensor::from_vec(bv, out, &Device::Cpu)?,
+                );
+                pending_dense = Some((tmp, out));
+            }
+            "Softmax" => {
+                let (name, out) = pending_dense
+                    .take()
+                    .ok_or_else(|| unsupported("Softmax not after a Gemm head"))?;
+                let w = tensors.remove(&format!("{name}.weight"));
+                let b = tensors.remove(&format!("{name}.bias"));
+                if let (Some(w), Some(b)) = (w, b) {
+                    tensors.insert("head.weight".to_owned(), w);
+                    tensors.insert("head.bias".to_owned(), b);
+                }
+                head = Some((out, features.unwrap_or(cin)));
+                saw_softmax = true;
+            }
+            other => return Err(unsupported(format!("operator {other}"))),
+        }
+    }
+    let (num_classes, _) = head.ok_or_else(|| unsupported("no Gemm head followed by Softmax"))?;
+    let arch = if g.name.contains("teacher") {
+        Arch::Teacher
+    } else {
+        Arch::Student
+    };
+    let config = ModelConfig {
+        arch,
+        in_channels,
+        window,
+        num_classes,
+        convs,
+        hidden,
+        batch_norm: false,
+        dropout: 0.0,
+    };
+    Ok(Net::from_named(config, tensors, 0)?)
 }
 
 #[cfg(test)]

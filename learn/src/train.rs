@@ -549,7 +549,8 @@ fn gather_batch(
     b
 }
 
-fn augment(w: &mut [f32], c: usize, t: usize, aug: &Augment, rng: &mut ChaCha8Rng) {
+/// Applies `aug` to one window `[c, t]` in place (shift, per-channel scale, noise).
+pub(crate) fn augment(w: &mut [f32], c: usize, t: usize, aug: &Augment, rng: &mut ChaCha8Rng) {
     if aug.shift > 0 && t > 1 {
         let max = aug.shift.min(t - 1) as i64;
         let s = rng.gen_range(-max..=max);

@@ -8,10 +8,18 @@
 
 // Submodules live in `tests/learn/`.
 mod learn {
+    mod cycle;
+    mod import;
     mod onnx_parity;
 }
 
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use diredi_learn::dataset::Dataset;
+use diredi_learn::model::Net;
+use diredi_learn::probe::ProbeSet;
+use diredi_learn::split::{Split, SplitConfig};
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -96,4 +104,40 @@ pub fn synthetic(n: usize, c: usize, t: usize, k: usize, seed: u64) -> (Vec<f32>
         y.push(class as u32);
     }
     (x, y)
+}
+
+/// The HAPT split, the shipped student imported from its ONNX file (the base of adaptation),
+/// its classes and a 256-window probe set from the presumed validation windows; loaded once.
+pub struct Fixture {
+    pub dataset: Dataset,
+    pub split: Split,
+    pub installed: Net,
+    pub classes: Vec<String>,
+    pub probe: ProbeSet,
+}
+
+/// The shared [`Fixture`], or `None` (skip) when the HAPT data is missing.
+pub fn fixture() -> Option<&'static Fixture> {
+    static FIXTURE: OnceLock<Option<Fixture>> = OnceLock::new();
+    FIXTURE
+        .get_or_init(|| {
+            let dir = hapt_dir()?;
+            let dataset = Dataset::load(&dir).expect("HAPT loads");
+            let cfg = SplitConfig::from_file(&repo_root().join("cloud-worker/splits/hapt.toml"))
+                .expect("split file parses");
+            let split = Split::build(&cfg, &dataset).expect("split builds");
+            let bytes = std::fs::read(repo_root().join("onnx-models/hapt-student-v1.onnx"))
+                .expect("shipped student");
+            let installed = diredi_learn::onnx::import(&bytes).expect("shipped student imports");
+            let classes = split.classes[..split.num_presumed].to_vec();
+            let probe = ProbeSet::select(&split.presumed_val, &classes, 256).expect("probe");
+            Some(Fixture {
+                dataset,
+                split,
+                installed,
+                classes,
+                probe,
+            })
+        })
+        .as_ref()
 }

@@ -13,6 +13,7 @@
 //! on the gateway → load → swap. The formats themselves are specified in
 //! `docs/ARCHITECTURE.md`.
 
+pub mod dispatch;
 pub mod manifest;
 pub mod messages;
 pub mod sensor;
@@ -24,8 +25,8 @@ pub use manifest::{
     SigningKey, TrustedKeys, VerifiedModel, MANIFEST_FORMAT,
 };
 pub use messages::{
-    CommandMsg, ErrorMsg, GatewayState, InferenceMsg, InstallStatus, LabelMsg, MessageError,
-    MetricsMsg, StatusMsg,
+    CommandMsg, ErrorMsg, GatewayState, InferenceMsg, InstallStatus, KnowledgeAckMsg, LabelMsg,
+    MessageError, MetricsMsg, StatusMsg,
 };
 pub use sensor::{
     decode_sensor, detect_format, encode_binary, encode_json, encode_senml, DecodeError,

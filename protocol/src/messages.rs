@@ -278,6 +278,19 @@ pub enum CommandMsg {
     },
 }
 
+/// `diredi/v1/{gw}/knowledge/ack`: the cloud worker received a knowledge package.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KnowledgeAckMsg {
+    /// The package's id.
+    pub package_id: String,
+    /// `true` when the worker took the package (now or before: acks are idempotent);
+    /// `false` when it refused it for good (for example an unknown base model).
+    pub accepted: bool,
+    /// Why it was refused, or what happens next.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
 impl CommandMsg {
     /// Parses a command payload.
     pub fn parse(payload: &[u8]) -> Result<CommandMsg, MessageError> {

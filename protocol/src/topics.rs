@@ -106,6 +106,10 @@ pub enum Route<'a> {
     Model,
     /// A model for the whole fleet.
     FleetModel,
+    /// The cloud's receipt of a knowledge package of this gateway.
+    KnowledgeAck,
+    /// A chunk of a dispatched model (`.../model/chunk/...`, this gateway's or the fleet's).
+    ModelChunk,
     /// A sensor or label topic whose id is not valid (for example empty, `sensor/`, or too
     /// long). The caller should reject and count the message rather than ignore it silently.
     InvalidId {
@@ -207,6 +211,18 @@ impl Topics {
         self.topic("knowledge")
     }
 
+    /// `diredi/v1/{gw}/knowledge/ack`: the cloud worker's receipt of a knowledge package; the
+    /// gateway keeps a package in its outbox until this names it.
+    pub fn knowledge_ack(&self) -> String {
+        self.topic("knowledge/ack")
+    }
+
+    /// `diredi/v1/{gw}/adaptation`: the outcome of each local adaptation (counts, probe
+    /// accuracy, package id and size; never user data).
+    pub fn adaptation(&self) -> String {
+        self.topic("adaptation")
+    }
+
     /// `diredi/v1/{gw}/model`.
     pub fn model(&self) -> String {
         self.topic("model")
@@ -219,11 +235,16 @@ impl Topics {
         if topic == FLEET_MODEL {
             return Route::FleetModel;
         }
+        if topic.starts_with(FLEET_MODEL) && topic[FLEET_MODEL.len()..].starts_with("/chunk/") {
+            return Route::ModelChunk;
+        }
         let Some(rest) = topic.strip_prefix(self.prefix.as_str()) else {
             return Route::Other;
         };
         match rest {
             "command" => Route::Command,
+            "knowledge/ack" => Route::KnowledgeAck,
+            r if r.starts_with("model/chunk/") => Route::ModelChunk,
             "model" => Route::Model,
             _ => {
                 if let Some(id) = rest.strip_prefix("sensor/") {
@@ -311,6 +332,15 @@ mod tests {
         assert_eq!(t.route(&t.sensor("imu0")), Route::Sensor("imu0"));
         assert_eq!(t.route(&t.label("imu0")), Route::Label("imu0"));
         assert_eq!(t.route(&t.command()), Route::Command);
+        assert_eq!(t.route(&t.knowledge_ack()), Route::KnowledgeAck);
+        assert_eq!(
+            t.route(&format!("{}/chunk/2/0/1", t.model())),
+            Route::ModelChunk
+        );
+        assert_eq!(
+            t.route(&format!("{FLEET_MODEL}/chunk/2/0/1")),
+            Route::ModelChunk
+        );
         assert_eq!(t.route(&t.model()), Route::Model);
         assert_eq!(t.route(FLEET_MODEL), Route::FleetModel);
         assert_eq!(t.route(&t.status()), Route::Other);

@@ -265,6 +265,9 @@ async fn shipped_model_on_real_data_matches_direct_inference() {
     let dir = tempfile::tempdir().unwrap();
     let file = signed["onnx_file"].as_str().unwrap().to_owned();
     std::fs::write(dir.path().join(&file), &onnx).unwrap();
+    if let Some(probe) = signed["probe"]["file"].as_str() {
+        std::fs::copy(manifest_path.with_file_name(probe), dir.path().join(probe)).unwrap();
+    }
     let local_manifest = dir.path().join("model.json");
     std::fs::write(&local_manifest, serde_json::to_vec(&signed).unwrap()).unwrap();
 

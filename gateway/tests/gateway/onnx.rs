@@ -52,25 +52,33 @@ fn attr_int(name: &str, i: i64) -> AttributeProto {
 
 /// ONNX bytes of the mean-argmax model for `channels` × `window` inputs.
 pub fn mean_argmax(channels: usize, window: usize) -> Vec<u8> {
+    mean_model(channels, window, true)
+}
+
+/// The channel means, with or without the softmax: without it the "probabilities" do not sum
+/// to one, which a smoke run must catch.
+pub fn mean_model(channels: usize, window: usize, softmax: bool) -> Vec<u8> {
     let (c, t) = (channels as i64, window as i64);
+    let mean = NodeProto {
+        op_type: "ReduceMean".into(),
+        input: vec!["input".into()],
+        output: vec![if softmax { "means" } else { "probabilities" }.into()],
+        attribute: vec![attr_ints("axes", vec![2]), attr_int("keepdims", 0)],
+        ..Default::default()
+    };
+    let mut node = vec![mean];
+    if softmax {
+        node.push(NodeProto {
+            op_type: "Softmax".into(),
+            input: vec!["means".into()],
+            output: vec!["probabilities".into()],
+            attribute: vec![attr_int("axis", 1)],
+            ..Default::default()
+        });
+    }
     let graph = GraphProto {
         name: "mean-argmax".into(),
-        node: vec![
-            NodeProto {
-                op_type: "ReduceMean".into(),
-                input: vec!["input".into()],
-                output: vec!["means".into()],
-                attribute: vec![attr_ints("axes", vec![2]), attr_int("keepdims", 0)],
-                ..Default::default()
-            },
-            NodeProto {
-                op_type: "Softmax".into(),
-                input: vec!["means".into()],
-                output: vec!["probabilities".into()],
-                attribute: vec![attr_int("axis", 1)],
-                ..Default::default()
-            },
-        ],
+        node,
         input: vec![ValueInfoProto {
             name: "input".into(),
             r#type: dims(&[None, Some(c), Some(t)]),

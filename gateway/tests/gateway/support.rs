@@ -235,6 +235,14 @@ impl Observer {
             .unwrap();
     }
 
+    /// Publishes a retained message with QoS 1.
+    pub async fn publish_retained(&self, topic: &str, payload: Vec<u8>) {
+        self.client
+            .publish(topic, QoS::AtLeastOnce, true, payload)
+            .await
+            .unwrap();
+    }
+
     /// Publishes to the sensor topic of `sensor`.
     pub async fn sensor(&self, sensor: &str, payload: Vec<u8>) {
         self.publish(&format!("diredi/v1/{GW}/sensor/{sensor}"), payload)
@@ -327,9 +335,20 @@ pub fn public_key() -> String {
 }
 
 fn manifest_json(spec: &Spec, onnx: &[u8], onnx_file: &str) -> serde_json::Value {
+    versioned_manifest(spec, onnx, onnx_file, 7, &signing_key())
+}
+
+/// A manifest of version `version` for `spec` and `onnx`, signed with `key`.
+pub fn versioned_manifest(
+    spec: &Spec,
+    onnx: &[u8],
+    onnx_file: &str,
+    version: u64,
+    key: &SigningKey,
+) -> serde_json::Value {
     let manifest = serde_json::json!({
         "format": "diredi-manifest/1",
-        "model_id": "test-model", "version": 7, "parent_version": null,
+        "model_id": "test-model", "version": version, "parent_version": null,
         "created_at": "2026-01-01T00:00:00Z",
         "onnx_file": onnx_file, "sha256": diredi_protocol::sha256_hex(onnx),
         "input": {"name": "input", "layout": "NCT", "channels": spec.channels,
@@ -338,7 +357,7 @@ fn manifest_json(spec: &Spec, onnx: &[u8], onnx_file: &str) -> serde_json::Value
         "output": {"name": "probabilities", "kind": "probabilities"},
         "classes": spec.classes(), "params": 0, "metrics": {}
     });
-    sign_manifest(&manifest, onnx, &signing_key()).unwrap()
+    sign_manifest(&manifest, onnx, key).unwrap()
 }
 
 /// Writes `model.onnx` (the real mean-argmax ONNX model) and its signed `model.json` into

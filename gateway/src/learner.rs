@@ -1,0 +1,381 @@
+//! Local adaptation and reverse distillation on the gateway, and the knowledge uplink.
+//!
+//! Data flow: exclusive store → **adapt** (a copy of the installed student, fine-tuned on the
+//! user's windows, regularised towards the installed model on the manufacturer's probe set,
+//! guarded on that probe set) → **reverse distillation** (the quantised parameter delta and
+//! the class histogram: no window, no per-window output) → outbox → `knowledge` (QoS 1) →
+//! cloud worker → `knowledge/ack` → outbox.
+//!
+//! Adaptation runs on its own thread, never on the async runtime nor the inference threads;
+//! one at a time (a second `adapt` command while one runs is refused), cancellable at shutdown
+//! between steps of the sender. The installed model keeps serving throughout: per DiReDi the
+//! manufacturer's model stays in charge until the cloud sends an update.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use diredi_learn::adapt::{adapt, AdaptConfig, Exclusive};
+use diredi_learn::knowledge::{extract, KnowledgeMeta, QuantConfig};
+use diredi_learn::onnx::import;
+use diredi_learn::probe::ProbeSet;
+use diredi_learn::train::Windows;
+use diredi_protocol::messages::{CommandMsg, ErrorMsg, KnowledgeAckMsg};
+use diredi_protocol::topics::Topics;
+use rumqttc::QoS;
+use serde::Serialize;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::kinds;
+use crate::metrics::Metrics;
+use crate::model::{ModelHandle, ModelSource};
+use crate::mqtt::LinkState;
+use crate::outbox::{Outbox, Pushed};
+use crate::pipeline::unix_ms;
+use crate::ratelimit::Verdict;
+use crate::report::{Publisher, Reporter};
+use crate::store::{ExclusiveStore, StoredWindow};
+
+/// Why an adaptation produced no knowledge.
+#[derive(Debug, thiserror::Error)]
+pub enum LearnError {
+    /// Nothing to learn from.
+    #[error("no labelled windows for the installed model's input shape; label some first")]
+    NoData,
+    /// The installed model was not loaded from files (no ONNX bytes or probe set).
+    #[error("the installed model has {0}; adaptation needs a model package with a probe set")]
+    NoSource(&'static str),
+    /// Another adaptation is running.
+    #[error("an adaptation is already running")]
+    Busy,
+    /// The probe file cannot be read.
+    #[error("probe set: {0}")]
+    Probe(String),
+    /// Importing the installed ONNX model into the trainer failed.
+    #[error("cannot rebuild the installed model for training: {0}")]
+    Import(String),
+    /// Adaptation failed or its guard refused the result.
+    #[error(transparent)]
+    Adapt(#[from] diredi_learn::adapt::AdaptError),
+    /// Extracting or encoding the knowledge failed.
+    #[error(transparent)]
+    Knowledge(#[from] diredi_learn::knowledge::KnowledgeError),
+    /// The store or the outbox failed.
+    #[error("{0}")]
+    Storage(String),
+}
+
+/// What one adaptation did; published on the `adaptation` topic (no user data in it).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AdaptReport {
+    /// Id of the knowledge package.
+    pub package_id: String,
+    /// Version of the installed model it is relative to.
+    pub base_version: u64,
+    /// Labelled windows used.
+    pub windows: usize,
+    /// Classes of the adapted model (the installed model's, then new ones).
+    pub classes: Vec<String>,
+    /// Probe-set accuracy of the installed and of the adapted model.
+    pub probe_accuracy_before: f64,
+    pub probe_accuracy_after: f64,
+    /// Size of the knowledge package in bytes.
+    pub knowledge_bytes: usize,
+    /// Seconds of adaptation plus reverse distillation.
+    pub seconds: f64,
+}
+
+/// Adapts the installed model (`source`) on `windows` and extracts the knowledge. Pure
+/// computation: no I/O besides what `source` already holds.
+pub fn adapt_and_extract(
+    source: &ModelSource,
+    windows: &[StoredWindow],
+    cfg: &AdaptConfig,
+    quant: &QuantConfig,
+) -> Result<(AdaptReport, Vec<u8>), LearnError> {
+    let started = std::time::Instant::now();
+    let m = &source.manifest;
+    let (c, t) = (m.input.channels.len(), m.input.window);
+    let usable: Vec<&StoredWindow> = windows.iter().filter(|w| w.data.len() == c * t).collect();
+    if usable.is_empty() {
+        return Err(LearnError::NoData);
+    }
+    let probe_bytes = source
+        .probe
+        .as_ref()
+        .ok_or(LearnError::NoSource("no probe set"))?;
+    let probe = ProbeSet::from_bytes(probe_bytes).map_err(|e| LearnError::Probe(e.to_string()))?;
+    let base = import(&source.onnx).map_err(|e| LearnError::Import(e.to_string()))?;
+    let x: Vec<f32> = usable.iter().flat_map(|w| w.data.iter().copied()).collect();
+    let labels: Vec<String> = usable.iter().map(|w| w.class.clone()).collect();
+    let xs = Windows::new(&x, c, t).map_err(|e| LearnError::Import(e.to_string()))?;
+    let adapted = adapt(
+        &base,
+        &m.classes,
+        Exclusive {
+            x: xs,
+            labels: &labels,
+        },
+        &probe,
+        cfg,
+    )?;
+    let knowledge = extract(
+        &base,
+        &adapted.net,
+        KnowledgeMeta {
+            model_id: m.model_id.clone(),
+            base_version: m.version,
+            base_sha256: m.sha256.clone(),
+            classes: adapted.classes.clone(),
+            base_classes: m.classes.len(),
+            histogram: adapted.histogram.clone(),
+            quant: quant.clone(),
+        },
+    )?;
+    let bytes = knowledge.to_bytes()?;
+    Ok((
+        AdaptReport {
+            package_id: knowledge.package_id.clone(),
+            base_version: m.version,
+            windows: usable.len(),
+            classes: adapted.classes,
+            probe_accuracy_before: adapted.probe_accuracy_before,
+            probe_accuracy_after: adapted.probe_accuracy_after,
+            knowledge_bytes: bytes.len(),
+            seconds: started.elapsed().as_secs_f64(),
+        },
+        bytes,
+    ))
+}
+
+/// The gateway's learner: starts adaptations, keeps the outbox moving.
+pub struct Learner {
+    store: Arc<ExclusiveStore>,
+    outbox: Arc<Outbox>,
+    model: ModelHandle,
+    topics: Topics,
+    adapt: AdaptConfig,
+    quant: QuantConfig,
+    busy: AtomicBool,
+    wake: Notify,
+    metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for Learner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Learner")
+            .field("store", &self.store)
+            .finish()
+    }
+}
+
+impl Learner {
+    /// A learner over `store` and `outbox`, adapting the model behind `model`.
+    pub fn new(
+        store: Arc<ExclusiveStore>,
+        outbox: Arc<Outbox>,
+        model: ModelHandle,
+        topics: Topics,
+        adapt: AdaptConfig,
+        quant: QuantConfig,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Learner {
+            store,
+            outbox,
+            model,
+            topics,
+            adapt,
+            quant,
+            busy: AtomicBool::new(false),
+            wake: Notify::new(),
+            metrics,
+        }
+    }
+
+    /// Waits (up to `limit`) for a running adaptation to finish, so that its result reaches
+    /// the outbox before the gateway exits.
+    pub async fn wait_idle(&self, limit: Duration) {
+        let deadline = tokio::time::Instant::now() + limit;
+        while self.busy.load(Ordering::Acquire) && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Packages waiting for the cloud's acknowledgement.
+    pub fn outbox_pending(&self) -> usize {
+        self.outbox.len().unwrap_or(0)
+    }
+
+    /// Starts an adaptation on its own thread. `done` gets the outcome (for the
+    /// `adaptation` topic and the logs). `Err(Busy)` when one is already running.
+    pub fn start(
+        self: &Arc<Self>,
+        done: impl FnOnce(Result<AdaptReport, LearnError>) + Send + 'static,
+    ) -> Result<(), LearnError> {
+        if self.busy.swap(true, Ordering::AcqRel) {
+            return Err(LearnError::Busy);
+        }
+        let me = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("adapt".into())
+            .spawn(move || {
+                let outcome = me.run_once();
+                let counter = match &outcome {
+                    Ok(_) => &me.metrics.adaptations,
+                    Err(_) => &me.metrics.adaptations_failed,
+                };
+                Metrics::add(counter, 1);
+                me.busy.store(false, Ordering::Release);
+                me.wake.notify_one();
+                done(outcome);
+            });
+        if let Err(e) = spawned {
+            self.busy.store(false, Ordering::Release);
+            return Err(LearnError::Storage(format!(
+                "cannot start the adapt thread: {e}"
+            )));
+        }
+        Ok(())
+    }
+
+    fn run_once(&self) -> Result<AdaptReport, LearnError> {
+        let model = self.model.load_full();
+        let source = model
+            .source()
+            .ok_or(LearnError::NoSource("no ONNX source"))?;
+        let windows = self
+            .store
+            .all()
+            .map_err(|e| LearnError::Storage(e.to_string()))?;
+        let (report, bytes) = adapt_and_extract(source, &windows, &self.adapt, &self.quant)?;
+        match self
+            .outbox
+            .push(&report.package_id, &self.topics.knowledge(), &bytes)
+            .map_err(|e| LearnError::Storage(e.to_string()))?
+        {
+            Pushed::Queued | Pushed::Duplicate => Ok(report),
+            Pushed::Full => Err(LearnError::Storage(
+                "the knowledge outbox is full; the cloud has not acknowledged earlier packages"
+                    .into(),
+            )),
+        }
+    }
+
+    /// Handles a `knowledge/ack` payload.
+    pub fn on_ack(&self, payload: &[u8]) {
+        let ack: KnowledgeAckMsg = match serde_json::from_slice(payload) {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(error = %e, "Ignoring a malformed knowledge acknowledgement.");
+                return;
+            }
+        };
+        match self.outbox.ack(&ack.package_id, unix_ms()) {
+            Ok(true) => {
+                Metrics::add(&self.metrics.knowledge_acked, 1);
+                tracing::info!(
+                    package_id = %ack.package_id,
+                    accepted = ack.accepted,
+                    detail = ack.detail.as_deref().unwrap_or(""),
+                    "The cloud acknowledged a knowledge package."
+                );
+            }
+            Ok(false) => {}
+            Err(e) => tracing::warn!(error = %e, "Cannot record a knowledge acknowledgement."),
+        }
+    }
+
+    /// Handles a `command` payload: `adapt` starts an adaptation whose outcome goes to the
+    /// `adaptation` topic (or the error topic); anything else is reported as a bad command.
+    pub fn on_command(self: &Arc<Self>, payload: &[u8], reporter: &Reporter) {
+        let topic = self.topics.command();
+        let reject = |reason: String| {
+            reporter.reject(
+                Verdict::Send {
+                    suppressed_before: 0,
+                },
+                ErrorMsg {
+                    topic: topic.clone(),
+                    sensor: None,
+                    reason,
+                    kind: kinds::BAD_COMMAND.to_owned(),
+                    ts: unix_ms(),
+                },
+            );
+        };
+        match CommandMsg::parse(payload) {
+            Ok(CommandMsg::Adapt) => {
+                let (reporter2, out_topic) = (reporter.clone(), self.topics.adaptation());
+                let started = self.start(move |outcome| {
+                    let body = match &outcome {
+                        Ok(report) => {
+                            tracing::info!(
+                                package_id = %report.package_id,
+                                windows = report.windows,
+                                probe_before = report.probe_accuracy_before,
+                                probe_after = report.probe_accuracy_after,
+                                bytes = report.knowledge_bytes,
+                                seconds = report.seconds,
+                                "Adaptation done; knowledge queued for the cloud."
+                            );
+                            serde_json::json!({"state": "done", "report": report})
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "Adaptation failed.");
+                            serde_json::json!({"state": "failed", "reason": e.to_string()})
+                        }
+                    };
+                    let _ = reporter2.publisher().try_publish(
+                        out_topic,
+                        QoS::AtLeastOnce,
+                        false,
+                        body.to_string().into_bytes(),
+                    );
+                });
+                if let Err(e) = started {
+                    reject(format!("adapt: {e}"));
+                }
+            }
+            Ok(CommandMsg::Rollback { .. }) => {
+                reject("rollback: no earlier model is installed on this gateway".into())
+            }
+            Err(e) => reject(e.to_string()),
+        }
+    }
+
+    /// Publishes every pending package now, then again every `retry` (and whenever an
+    /// adaptation finishes), until `stop`. `connected` says whether publishing makes sense.
+    pub async fn run_sender(
+        self: Arc<Self>,
+        publisher: Arc<dyn Publisher>,
+        link: Arc<LinkState>,
+        retry: Duration,
+        stop: CancellationToken,
+    ) {
+        loop {
+            if link.connected.load(Ordering::Acquire) {
+                match self.outbox.pending() {
+                    Ok(pending) => {
+                        for p in pending {
+                            if publisher
+                                .try_publish(p.topic, QoS::AtLeastOnce, false, p.payload)
+                                .is_ok()
+                            {
+                                Metrics::add(&self.metrics.knowledge_sent, 1);
+                                tracing::info!(package_id = %p.id, "Knowledge package sent.");
+                            }
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "Cannot read the knowledge outbox."),
+                }
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = self.wake.notified() => {}
+                _ = tokio::time::sleep(retry) => {}
+            }
+        }
+    }
+}
