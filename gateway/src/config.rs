@@ -322,6 +322,11 @@ pub struct RawLearning {
     pub label_spans: usize,
     /// Knowledge packages kept until the cloud acknowledges them.
     pub max_outbox: usize,
+    /// Seconds between publications of a package the cloud has not acknowledged yet.
+    pub knowledge_retry_s: f64,
+    /// Start an adaptation by itself once this many windows were labelled since the last
+    /// one (0 = only on command).
+    pub adapt_after_labels: u64,
     /// Local adaptation hyper-parameters (see diredi-learn's `AdaptConfig`), including the
     /// probe guard's `guard_margin`.
     pub adapt: AdaptConfig,
@@ -360,6 +365,8 @@ impl Default for RawLearning {
             recent_windows: 32,
             label_spans: 256,
             max_outbox: 16,
+            knowledge_retry_s: 15.0,
+            adapt_after_labels: 0,
             adapt: AdaptConfig::default(),
             quant: RawQuant::default(),
         }
@@ -381,6 +388,10 @@ pub struct LearningConfig {
     pub label_spans: usize,
     /// Knowledge packages kept until acknowledged.
     pub max_outbox: usize,
+    /// Interval of knowledge retries.
+    pub knowledge_retry: Duration,
+    /// Labelled windows that start an adaptation by themselves (0 = off).
+    pub adapt_after_labels: u64,
     /// Adaptation hyper-parameters.
     pub adapt: AdaptConfig,
     /// Knowledge quantisation.
@@ -1121,6 +1132,12 @@ pub fn compile(raw: &RawConfig, base: &Path, source: Option<&Path>) -> Result<Co
     c.range("learning.recent_windows", l.recent_windows, 0, 4096);
     c.range("learning.label_spans", l.label_spans, 1, 1 << 16);
     c.range("learning.max_outbox", l.max_outbox, 1, 4096);
+    if !(l.knowledge_retry_s.is_finite() && (0.1..=86_400.0).contains(&l.knowledge_retry_s)) {
+        c.problem(
+            "learning.knowledge_retry_s",
+            format!("is {}; expected 0.1 to 86400 seconds", l.knowledge_retry_s),
+        );
+    }
     if let Err(e) = l.adapt.validate() {
         c.problem("learning.adapt", e.to_string());
     }
@@ -1147,6 +1164,8 @@ pub fn compile(raw: &RawConfig, base: &Path, source: Option<&Path>) -> Result<Co
         recent_windows: l.recent_windows,
         label_spans: l.label_spans,
         max_outbox: l.max_outbox,
+        knowledge_retry: Duration::from_secs_f64(l.knowledge_retry_s.clamp(0.1, 86_400.0)),
+        adapt_after_labels: l.adapt_after_labels,
         adapt: AdaptConfig {
             // One limit for labels and adaptation: the store's.
             max_new_classes: l.max_new_classes,

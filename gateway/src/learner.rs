@@ -203,6 +203,11 @@ impl Learner {
         }
     }
 
+    /// Whether an adaptation is running.
+    pub fn is_busy(&self) -> bool {
+        self.busy.load(Ordering::Acquire)
+    }
+
     /// Packages waiting for the cloud's acknowledgement.
     pub fn outbox_pending(&self) -> usize {
         self.outbox.len().unwrap_or(0)

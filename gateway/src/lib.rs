@@ -46,6 +46,7 @@ pub mod notify;
 pub mod outbox;
 pub mod pipeline;
 pub mod ratelimit;
+pub mod remote;
 pub mod report;
 pub mod status;
 pub mod store;
@@ -75,9 +76,6 @@ use crate::notify::{ExitGuard, Health, LoopHealth, Notifier, Systemd, ThreadHeal
 use crate::pipeline::{run_shard, unix_ms, SensorRegistry, Shard, ShardLearning, ShardSettings};
 use crate::report::{Publisher, Reporter};
 use crate::status::{Identity, OutMessage};
-
-/// How often pending knowledge packages are published again until the cloud acknowledges.
-const KNOWLEDGE_RETRY: Duration = Duration::from_secs(15);
 
 /// Why the gateway stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -440,11 +438,25 @@ pub async fn run_with(
             model_path.clone(),
         );
         let command_topic = topics.command();
+        // The policy trigger: adapt by itself after N newly labelled windows.
+        let policy = config.learning.as_ref().map_or(0, |l| l.adapt_after_labels);
+        let counters = metrics.clone();
         learner_tasks.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            let mut labelled_at_last = 0u64;
             loop {
                 let msg = tokio::select! {
                     _ = stop.cancelled() => return,
                     m = control_rx.recv() => m,
+                    _ = tick.tick(), if policy > 0 => {
+                        let labelled = counters.labelled_windows.load(Ordering::Relaxed);
+                        if labelled >= labelled_at_last + policy && !l.is_busy() {
+                            labelled_at_last = labelled;
+                            tracing::info!(labelled, "Adapting: enough new labels ([learning] adapt_after_labels).");
+                            l.on_command(br#"{"cmd":"adapt"}"#, &reporter);
+                        }
+                        continue;
+                    }
                 };
                 match msg {
                     Some(mqtt::Control::Command(p)) => match CommandMsg::parse(&p) {
@@ -474,15 +486,21 @@ pub async fn run_with(
                 }
             }
         }));
-        learner_tasks.push(tokio::spawn(learner.clone().run_sender(
-            publisher.clone(),
-            state.clone(),
-            KNOWLEDGE_RETRY,
-            tasks_stop.clone(),
-        )));
+        learner_tasks.push(tokio::spawn(
+            learner.clone().run_sender(
+                publisher.clone(),
+                state.clone(),
+                config
+                    .learning
+                    .as_ref()
+                    .map_or(Duration::from_secs(15), |l| l.knowledge_retry),
+                tasks_stop.clone(),
+            ),
+        ));
     }
     if let Some(interval) = config.metrics_interval {
-        tokio::spawn(metrics_task(
+        // Awaited at shutdown with the learner's tasks: it holds the learner too.
+        learner_tasks.push(tokio::spawn(metrics_task(
             publisher.clone(),
             topics.metrics(),
             data_qos,
@@ -492,7 +510,7 @@ pub async fn run_with(
             learner.clone(),
             interval,
             tasks_stop.clone(),
-        ));
+        )));
     }
     tokio::spawn(notify::watchdog(
         notifier.clone(),

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use diredi_gateway::config;
+use diredi_protocol::messages::{CommandMsg, LabelMsg};
 use tokio_util::sync::CancellationToken;
 
 /// Hard limit after a stop signal; systemd expects the process gone within 5 s.
@@ -38,6 +39,29 @@ enum Command {
     Validate,
     /// Print the compiled-in default configuration.
     PrintDefaultConfig,
+    /// Label a sensor's samples (a time range) or one window (an id from an inference
+    /// message); the labelled windows stay in the gateway's exclusive store.
+    Label {
+        /// The sensor id.
+        #[arg(long)]
+        sensor: String,
+        /// The class (a name the model lacks is a new class).
+        #[arg(long)]
+        class: String,
+        /// First labelled sample, unix ms.
+        #[arg(long, requires = "to_ts", conflicts_with = "window_id")]
+        from_ts: Option<i64>,
+        /// Last labelled sample, unix ms.
+        #[arg(long, requires = "from_ts")]
+        to_ts: Option<i64>,
+        /// A window id from an inference message.
+        #[arg(long)]
+        window_id: Option<String>,
+    },
+    /// Ask the gateway to adapt on the labels collected so far and send the knowledge.
+    Adapt,
+    /// Ask the gateway to return to its previous model.
+    Rollback,
 }
 
 fn main() -> ExitCode {
@@ -49,6 +73,70 @@ fn main() -> ExitCode {
         }
         Command::Validate => validate(cli.config),
         Command::Run => run(cli.config),
+        Command::Label {
+            sensor,
+            class,
+            from_ts,
+            to_ts,
+            window_id,
+        } => {
+            let label = match (from_ts, to_ts, window_id) {
+                (Some(from_ts), Some(to_ts), None) => LabelMsg::Range {
+                    from_ts,
+                    to_ts,
+                    class,
+                },
+                (None, None, Some(window_id)) => LabelMsg::Window { window_id, class },
+                _ => {
+                    eprintln!("diredi-gateway label: give --from-ts and --to-ts, or --window-id");
+                    return ExitCode::from(2);
+                }
+            };
+            send(cli.config, |cfg| async move {
+                diredi_gateway::remote::label(&cfg, &sensor, &label).await
+            })
+        }
+        Command::Adapt => send(cli.config, |cfg| async move {
+            diredi_gateway::remote::command(&cfg, &CommandMsg::Adapt).await
+        }),
+        Command::Rollback => send(cli.config, |cfg| async move {
+            diredi_gateway::remote::command(&cfg, &CommandMsg::Rollback { to_version: None }).await
+        }),
+    }
+}
+
+/// Loads the configuration and runs one client request against the gateway it describes.
+fn send<F, Fut>(file: Option<PathBuf>, request: F) -> ExitCode
+where
+    F: FnOnce(config::Config) -> Fut,
+    Fut: std::future::Future<Output = Result<(), diredi_gateway::remote::RemoteError>>,
+{
+    let cfg = match config::load(file.as_deref()) {
+        Ok(cfg) => cfg,
+        Err(e) => {
+            eprintln!("diredi-gateway: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("diredi-gateway: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(request(cfg)) {
+        Ok(()) => {
+            println!("sent");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("diredi-gateway: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 

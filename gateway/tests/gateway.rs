@@ -19,6 +19,8 @@ mod install;
 mod labels;
 #[path = "gateway/onnx.rs"]
 mod onnx;
+#[path = "gateway/outbox.rs"]
+mod outbox;
 #[path = "gateway/process.rs"]
 mod process;
 #[path = "gateway/support.rs"]

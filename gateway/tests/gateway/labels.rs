@@ -127,3 +127,74 @@ async fn labels_store_the_windows_they_name_and_bad_labels_are_reported() {
         }
     }
 }
+
+/// `diredi-gateway label` and `adapt` reach a running gateway through its broker; with
+/// `adapt_after_labels` the gateway adapts by itself. (The test model has no ONNX source, so
+/// each adaptation reports that it cannot run: the point is that it was asked.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_and_the_label_policy_start_adaptations() {
+    let spec = Spec::small();
+    let port = free_port();
+    let mut table = config_table(port, true, None);
+    set(&mut table, "learning", "adapt_after_labels", 2);
+    let gw = Running::start(compile(&table), Some(fake_model(&spec)));
+    gw.ready().await;
+    let mut obs = Observer::connect(port, &format!("diredi/v1/{GW}/#")).await;
+    let c = spec.channels.len();
+    obs.sensor("s1", encode_json(Some(T0), &rows(0, 24, &spec), c))
+        .await;
+    assert_eq!(obs.collect("/inference/s1", 5, WAIT).await.len(), 5);
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("gw.toml");
+    std::fs::write(&file, toml::to_string(&table).unwrap()).unwrap();
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_diredi-gateway"))
+            .arg("--config")
+            .arg(&file)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    cli(&[
+        "label",
+        "--sensor",
+        "s1",
+        "--window-id",
+        "s1:0",
+        "--class",
+        "c0",
+    ]);
+    let p = spec.period_ms();
+    let (from, to) = (T0 + 4 * p, T0 + 11 * p);
+    cli(&[
+        "label",
+        "--sensor",
+        "s1",
+        "--class",
+        "c1",
+        "--from-ts",
+        &from.to_string(),
+        "--to-ts",
+        &to.to_string(),
+    ]);
+    let a = obs
+        .next_json("/adaptation", WAIT, |_| true)
+        .await
+        .expect("the policy starts an adaptation after 2 labelled windows");
+    assert_eq!(a["state"], "failed");
+    assert!(a["reason"].as_str().unwrap().contains("ONNX"), "{a}");
+
+    cli(&["adapt"]);
+    let a = obs
+        .next_json("/adaptation", WAIT, |_| true)
+        .await
+        .expect("`diredi-gateway adapt` starts one");
+    assert_eq!(a["state"], "failed");
+    gw.stop().await.unwrap();
+}

@@ -1,0 +1,78 @@
+//! The knowledge outbox survives gateway restarts and broker outages: a package is published
+//! until the cloud acknowledges it, and never again after.
+
+use std::time::Duration;
+
+use diredi_gateway::outbox::{Outbox, Pushed};
+
+use super::support::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn knowledge_is_resent_across_gateway_and_broker_restarts_until_acknowledged() {
+    let spec = Spec::small();
+    let state = state_dir();
+    let knowledge = format!("diredi/v1/{GW}/knowledge");
+    {
+        // A package an earlier run queued but could not deliver.
+        let o = Outbox::open(&state.join("outbox.redb"), 4).unwrap();
+        assert_eq!(
+            o.push("pkg-1", &knowledge, b"\x00knowledge\xff").unwrap(),
+            Pushed::Queued
+        );
+    }
+    let port = free_port();
+    let table = {
+        let mut t = config_table(port, false, None);
+        set(&mut t, "learning", "state_dir", state.display().to_string());
+        set(&mut t, "learning", "knowledge_retry_s", 0.3);
+        t
+    };
+    let broker = Mosquitto::start_on(port);
+
+    // Gateway restart: the package comes out of both runs.
+    for run in 0..2 {
+        let gw = Running::start(compile(&table), Some(fake_model(&spec)));
+        gw.ready().await;
+        let mut obs = Observer::connect(port, &knowledge).await;
+        let m = obs.next_on("/knowledge", WAIT).await;
+        assert_eq!(
+            m.map(|m| m.payload),
+            Some(b"\x00knowledge\xff".to_vec()),
+            "run {run}"
+        );
+        gw.stop().await.unwrap();
+    }
+
+    // Broker restart: the gateway reconnects and sends it again.
+    let gw = Running::start(compile(&table), Some(fake_model(&spec)));
+    gw.ready().await;
+    drop(broker);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let _broker = Mosquitto::start_on(port);
+    let mut obs = Observer::connect(port, &format!("diredi/v1/{GW}/#")).await;
+    assert!(
+        obs.next_on("/knowledge", WAIT).await.is_some(),
+        "resent after the outage"
+    );
+
+    // The receipt ends it: no more publications, and the next run has nothing to send.
+    obs.publish(
+        &format!("diredi/v1/{GW}/knowledge/ack"),
+        br#"{"package_id":"pkg-1","accepted":true}"#.to_vec(),
+    )
+    .await;
+    obs.next_json("/metrics", WAIT, |v| {
+        v["knowledge_acked"] == 1 && v["outbox_pending"] == 0
+    })
+    .await
+    .expect("acknowledged in the metrics");
+    let late = obs.next_on("/knowledge", Duration::from_millis(1200)).await;
+    assert!(late.is_none(), "not sent after its receipt");
+    gw.stop().await.unwrap();
+    let o = Outbox::open(&state.join("outbox.redb"), 4).unwrap();
+    assert!(o.is_empty().unwrap());
+    assert_eq!(
+        o.push("pkg-1", &knowledge, b"again").unwrap(),
+        Pushed::Duplicate
+    );
+}
