@@ -369,6 +369,15 @@ pub fn verify_and_stage(
     ))
 }
 
+/// An install status of `state` for `version`.
+fn stage(state: &str, version: Option<u64>, detail: Option<String>) -> InstallStatus {
+    InstallStatus {
+        state: state.to_owned(),
+        version,
+        detail,
+    }
+}
+
 /// One model being received.
 #[derive(Debug)]
 struct Receiving {
@@ -540,12 +549,8 @@ impl Installer {
             assembly,
             started: Instant::now(),
         });
-        self.publish_status(InstallStatus {
-            state: "receiving".into(),
-            version: Some(version),
-            detail: None,
-        })
-        .await;
+        self.publish_status(stage("receiving", Some(version), None))
+            .await;
         let _ = self
             .client
             .subscribe(chunk_filter(topic, version), QoS::AtLeastOnce)
@@ -604,12 +609,8 @@ impl Installer {
                 self.previous = Some((installed, old_path));
                 self.model.store(Arc::new(loaded));
                 tracing::info!(version, "Model installed and serving.");
-                self.publish_status(InstallStatus {
-                    state: "committed".into(),
-                    version: Some(version),
-                    detail: None,
-                })
-                .await;
+                self.publish_status(stage("committed", Some(version), None))
+                    .await;
             }
             Ok(Err(e)) => self.reject(Some(version), &e).await,
             Err(e) => {
@@ -647,12 +648,8 @@ impl Installer {
         self.active_path = prev_path;
         self.model.store(prev);
         tracing::info!(version, "Rolled back to the previous model.");
-        self.publish_status(InstallStatus {
-            state: "rolled_back".into(),
-            version: Some(version),
-            detail: None,
-        })
-        .await;
+        self.publish_status(stage("rolled_back", Some(version), None))
+            .await;
         Ok(version)
     }
 

@@ -66,18 +66,15 @@ pub enum Pushed {
 impl Outbox {
     /// Opens (or creates) the outbox at `path`, holding at most `max_pending` packages.
     pub fn open(path: &Path, max_pending: usize) -> Result<Self, OutboxError> {
-        let err = |e: &dyn std::fmt::Display| OutboxError {
+        let db = crate::store::open_db(path, |tx| {
+            tx.open_table(PENDING)?;
+            tx.open_table(DONE)?;
+            Ok(())
+        })
+        .map_err(|reason| OutboxError {
             path: path.to_path_buf(),
-            reason: e.to_string(),
-        };
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| err(&e))?;
-        }
-        let db = Database::create(path).map_err(|e| err(&e))?;
-        let tx = db.begin_write().map_err(|e| err(&e))?;
-        tx.open_table(PENDING).map_err(|e| err(&e))?;
-        tx.open_table(DONE).map_err(|e| err(&e))?;
-        tx.commit().map_err(|e| err(&e))?;
+            reason,
+        })?;
         Ok(Outbox {
             db,
             path: path.to_path_buf(),

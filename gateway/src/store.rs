@@ -138,6 +138,22 @@ fn decode(seq: u64, bytes: &[u8]) -> Result<StoredWindow, StoreError> {
     })
 }
 
+/// Opens (or creates) the redb file at `path`, its directory included, and creates its
+/// tables with `init` so that readers never find them missing. Errors as text.
+pub(crate) fn open_db(
+    path: &Path,
+    init: impl FnOnce(&redb::WriteTransaction) -> Result<(), redb::TableError>,
+) -> Result<Database, String> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+    }
+    let db = Database::create(path).map_err(|e| e.to_string())?;
+    let tx = db.begin_write().map_err(|e| e.to_string())?;
+    init(&tx).map_err(|e| e.to_string())?;
+    tx.commit().map_err(|e| e.to_string())?;
+    Ok(db)
+}
+
 /// The store. Cheap to share behind an `Arc`; redb serialises writers.
 pub struct ExclusiveStore {
     db: Database,
@@ -163,19 +179,15 @@ impl ExclusiveStore {
         max_windows: usize,
         max_new_classes: usize,
     ) -> Result<Self, StoreError> {
-        let db_err = |e: &dyn std::fmt::Display| StoreError::Database {
+        let db = open_db(path, |tx| {
+            tx.open_table(WINDOWS)?;
+            tx.open_table(INDEX)?;
+            Ok(())
+        })
+        .map_err(|reason| StoreError::Database {
             path: path.to_path_buf(),
-            reason: e.to_string(),
-        };
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| db_err(&e))?;
-        }
-        let db = Database::create(path).map_err(|e| db_err(&e))?;
-        // Create the tables so that readers never see them missing.
-        let tx = db.begin_write().map_err(|e| db_err(&e))?;
-        tx.open_table(WINDOWS).map_err(|e| db_err(&e))?;
-        tx.open_table(INDEX).map_err(|e| db_err(&e))?;
-        tx.commit().map_err(|e| db_err(&e))?;
+            reason,
+        })?;
         Ok(ExclusiveStore {
             db,
             path: path.to_path_buf(),
