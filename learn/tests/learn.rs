@@ -11,6 +11,7 @@ mod learn {
     mod cycle;
     mod import;
     mod onnx_parity;
+    mod zz_time;
 }
 
 use std::path::{Path, PathBuf};
