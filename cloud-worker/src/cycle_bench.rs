@@ -649,13 +649,13 @@ fn write_report(path: &Path, doc: &serde_json::Value) -> Result<()> {
                 )
             };
             md.push_str(&format!(
-                "| {} | {} | {} | {} | {} | {} | {:.3} ({:.3}) | {} |\n",
+                "| {} | {} | {} | {} | {} | {:.0} | {:.3} ({:.3}) | {} |\n",
                 u["user"].as_str().unwrap_or("?"),
                 pair("s0"),
                 pair("local"),
                 pair("diredi"),
                 pair("upload"),
-                u["knowledge_bytes"],
+                u["knowledge_bytes"].as_f64().unwrap_or(f64::NAN),
                 u["mia_auc"].as_f64().unwrap_or(f64::NAN),
                 u["mia_auc_control"].as_f64().unwrap_or(f64::NAN),
                 if u["guard_refused"].as_bool() == Some(true) {
@@ -706,7 +706,7 @@ fn plot(path: &Path, doc: &serde_json::Value) -> Result<()> {
             .margin(10)
             .x_label_area_size(30)
             .y_label_area_size(40)
-            .build_cartesian_2d(0f64..n as f64, 0f64..1f64)
+            .build_cartesian_2d(0f64..n as f64, 0f64..1.35f64)
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         let labels: Vec<String> = users
             .iter()
@@ -750,7 +750,7 @@ fn plot(path: &Path, doc: &serde_json::Value) -> Result<()> {
         }
         chart
             .configure_series_labels()
-            .position(SeriesLabelPosition::LowerRight)
+            .position(SeriesLabelPosition::UpperRight)
             .background_style(WHITE.mix(0.8))
             .border_style(BLACK)
             .draw()

@@ -11,7 +11,6 @@ mod learn {
     mod cycle;
     mod import;
     mod onnx_parity;
-    mod zz_time;
 }
 
 use std::path::{Path, PathBuf};
