@@ -1518,5 +1518,14 @@ mod tests {
             }
         }
         assert!(shipped_raw.broker.enabled);
+        // The learning settings are not "packaged" values: the file must say what runs.
+        assert_eq!(
+            shipped_raw.learning.adapt,
+            RawConfig::default().learning.adapt
+        );
+        assert_eq!(
+            shipped_raw.learning.quant,
+            RawConfig::default().learning.quant
+        );
     }
 }
