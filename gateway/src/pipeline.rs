@@ -29,7 +29,7 @@ use diredi_protocol::messages::LabelMsg;
 use crate::batcher::{BufferPool, PushOutcome, SensorInfo, WindowJob, WindowQueue};
 use crate::labels::{window_index, LabelBook, Labelled, RecentWindow};
 use crate::metrics::{kinds, Metrics};
-use crate::model::ModelHandle;
+use crate::model::{LoadedModel, ModelHandle};
 use crate::notify::ThreadHealth;
 use crate::ratelimit::{KeyBudget, KeyedLimiter};
 use crate::report::Reporter;
@@ -158,6 +158,24 @@ struct Sensor {
     windower: Windower,
     budget: KeyBudget,
     book: Option<LabelBook>,
+}
+
+/// Stores a labelled window of `sensor`, standardised for (and tagged with) model `m`, whose
+/// classes decide which names are new.
+fn store_window(
+    store: &ExclusiveStore,
+    m: &LoadedModel,
+    sensor: &str,
+    l: Labelled,
+) -> Result<bool, crate::store::StoreError> {
+    let w = StoredWindow {
+        sensor: sensor.to_owned(),
+        end_ts: l.window.end_ts,
+        class: l.class,
+        model_version: m.spec().version,
+        data: l.window.data,
+    };
+    store.insert(&w, &m.spec().classes)
 }
 
 /// A label book for a sensor, when learning is on.
@@ -339,20 +357,9 @@ impl Shard {
             }
         };
         let m = self.model.load();
-        let known = &m.spec().classes;
-        let version = m.spec().version;
         let mut stored = 0;
         for l in labelled {
-            let w = StoredWindow {
-                sensor: id.to_owned(),
-                end_ts: l.window.end_ts,
-                class: l.class,
-                model_version: version,
-                data: l.window.data,
-            };
-            learning
-                .store
-                .insert(&w, known)
+            store_window(&learning.store, &m, id, l)
                 .map_err(|e| (kinds::BAD_LABEL, e.to_string()))?;
             stored += 1;
         }
@@ -366,14 +373,7 @@ impl Shard {
         };
         let m = self.model.load();
         for l in labelled {
-            let w = StoredWindow {
-                sensor: sensor.to_owned(),
-                end_ts: l.window.end_ts,
-                class: l.class,
-                model_version: m.spec().version,
-                data: l.window.data,
-            };
-            match learning.store.insert(&w, &m.spec().classes) {
+            match store_window(&learning.store, &m, sensor, l) {
                 Ok(_) => Metrics::add(&self.metrics.labelled_windows, 1),
                 Err(e) => tracing::warn!(sensor, error = %e, "Cannot store a labelled window."),
             }
