@@ -582,3 +582,146 @@ mod tests {
         assert!(!a.overlaps(&WindowRef { recording: 1, ..a }, 4));
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod proptests {
+    //! Windowing invariants (count, starts, stride, labels, overlap) and the standardisation
+    //! round trip, on random recordings.
+
+    use super::*;
+    use proptest::prelude::*;
+
+    fn recording(channels: usize, samples: Vec<f32>, labels: Vec<Option<u16>>) -> Recording {
+        Recording {
+            id: "r".into(),
+            subject: "1".into(),
+            session: "0".into(),
+            file: "r.csv".into(),
+            channels,
+            samples,
+            labels,
+        }
+    }
+
+    /// A recording of 1-3 channels and 0-60 rows, labels mostly in long runs.
+    fn recordings() -> impl Strategy<Value = Recording> {
+        (1usize..4, 0usize..60).prop_flat_map(|(c, rows)| {
+            (
+                proptest::collection::vec(-1e3f32..1e3, c * rows),
+                proptest::collection::vec(
+                    prop_oneof![3 => Just(Some(0u16)), 1 => Just(Some(1)), 1 => Just(None)],
+                    rows,
+                ),
+            )
+                .prop_map(move |(samples, labels)| recording(c, samples, labels))
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn windows_are_the_full_ones_at_stride_multiples(
+            rec in recordings(),
+            len in 1usize..20,
+            stride in 1usize..20,
+        ) {
+            let spec = WindowSpec::new(len, stride).unwrap();
+            let ws: Vec<WindowRef> = windows(3, &rec, spec).collect();
+            let expected = (0..=rec.rows()).filter(|s| s % stride == 0 && s + len <= rec.rows()).count();
+            prop_assert_eq!(ws.len(), expected);
+            prop_assert_eq!(spec.count(rec.rows()), expected);
+            for (k, w) in ws.iter().enumerate() {
+                prop_assert_eq!(w.recording, 3);
+                prop_assert_eq!(w.start, k * stride);
+                prop_assert!(w.start + len <= rec.rows());
+                let rows = &rec.labels[w.start..w.start + len];
+                let agreed = rows.iter().all(|l| *l == rows[0]);
+                prop_assert_eq!(w.label, if agreed { rows[0] } else { None });
+            }
+            // The next start would not fit.
+            prop_assert!(ws.len() * stride + len > rec.rows());
+        }
+
+        #[test]
+        fn overlap_means_a_shared_row(a in 0usize..50, b in 0usize..50, len in 1usize..20, same in any::<bool>()) {
+            let wa = WindowRef { recording: 0, start: a, label: None };
+            let wb = WindowRef { recording: usize::from(!same), start: b, label: None };
+            let shared = same && (a..a + len).any(|r| (b..b + len).contains(&r));
+            prop_assert_eq!(wa.overlaps(&wb, len), shared);
+            prop_assert_eq!(wb.overlaps(&wa, len), shared);
+        }
+
+        #[test]
+        fn standardisation_round_trips_and_centres_the_fitted_rows(
+            rec in recordings(),
+            len in 1usize..12,
+            stride in 1usize..12,
+        ) {
+            let spec = WindowSpec::new(len, stride).unwrap();
+            let refs: Vec<WindowRef> = windows(0, &rec, spec).collect();
+            prop_assume!(!refs.is_empty());
+            let recs = std::slice::from_ref(&rec);
+            let st = Standardizer::fit(recs, &refs, len).unwrap();
+            let c = rec.channels;
+            prop_assert_eq!(st.channels(), c);
+            prop_assert!(st.std.iter().all(|s| s.is_finite() && *s >= Standardizer::MIN_STD));
+
+            let set = WindowSet::build(recs, refs.clone(), Vec::new(), len, &st).unwrap();
+            prop_assert_eq!(set.x.len(), refs.len() * c * len);
+            let mut sum = vec![0f64; c];
+            let mut sq = vec![0f64; c];
+            for (i, r) in refs.iter().enumerate() {
+                let raw = rec.rows_slice(r.start, len);
+                let x = set.window(i);
+                for t in 0..len {
+                    for ch in 0..c {
+                        let z = x[ch * len + t];
+                        let back = z * st.std[ch] + st.mean[ch];
+                        let v = raw[t * c + ch];
+                        prop_assert!((back - v).abs() <= 1e-3 * (1.0 + v.abs()), "{back} vs {v}");
+                        sum[ch] += f64::from(z);
+                        sq[ch] += f64::from(z) * f64::from(z);
+                    }
+                }
+            }
+            // With disjoint windows every fitted row appears once: mean 0 and variance 1, for
+            // channels whose spread is well above f32 rounding of their values.
+            if stride >= len {
+                let n = (refs.len() * len) as f64;
+                for ch in 0..c {
+                    if (1.0 + st.mean[ch].abs()) / st.std[ch] > 1e3 {
+                        continue;
+                    }
+                    let mean = sum[ch] / n;
+                    let var = sq[ch] / n - mean * mean;
+                    prop_assert!(mean.abs() < 1e-3, "channel {ch}: mean {mean}");
+                    prop_assert!((var - 1.0).abs() < 1e-2, "channel {ch}: var {var}");
+                }
+            }
+        }
+
+        #[test]
+        fn subsets_and_concatenations_keep_the_shape(
+            rec in recordings(),
+            len in 1usize..8,
+            picks in proptest::collection::vec(any::<proptest::sample::Index>(), 0..10),
+        ) {
+            let refs: Vec<WindowRef> = windows(0, &rec, WindowSpec::new(len, 1).unwrap()).collect();
+            prop_assume!(!refs.is_empty());
+            let y: Vec<u32> = (0..refs.len() as u32).collect();
+            let st = Standardizer::identity(rec.channels);
+            let set = WindowSet::build(std::slice::from_ref(&rec), refs, y, len, &st).unwrap();
+            let idx: Vec<usize> = picks.iter().map(|p| p.index(set.n())).collect();
+            let sub = set.subset(&idx);
+            prop_assert_eq!(sub.n(), idx.len());
+            prop_assert_eq!(sub.x.len(), idx.len() * rec.channels * len);
+            for (k, &i) in idx.iter().enumerate() {
+                prop_assert_eq!(sub.window(k), set.window(i));
+                prop_assert_eq!(sub.label(k), Some(i as u32));
+            }
+            let both = WindowSet::concat(&[&set, &sub]).unwrap();
+            prop_assert_eq!(both.n(), set.n() + sub.n());
+            prop_assert_eq!(both.x.len(), both.n() * rec.channels * len);
+        }
+    }
+}

@@ -118,8 +118,13 @@ impl DispatchMsg {
             return Err(DispatchError::Announcement("no files".into()));
         }
         for f in &msg.files {
-            let plain = std::path::Path::new(&f.name);
-            if f.name.is_empty() || plain.components().count() != 1 || f.name.contains('/') {
+            // Exactly one normal component: not empty, not `.` or `..`, no separator.
+            let mut parts = std::path::Path::new(&f.name).components();
+            let plain = matches!(
+                (parts.next(), parts.next()),
+                (Some(std::path::Component::Normal(_)), None)
+            );
+            if !plain || f.name.contains('/') {
                 return Err(DispatchError::Announcement(format!(
                     "file name {:?} is not one path component",
                     f.name
@@ -336,5 +341,145 @@ mod tests {
             chunk_filter("diredi/v1/gw/model", 3),
             "diredi/v1/gw/model/chunk/3/#"
         );
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod proptests {
+    //! Properties of the chunk topics, the announcement and the assembly: what the cloud
+    //! builds the gateway parses and reassembles, whatever the order and repetition of the
+    //! chunks, and a damaged chunk is refused.
+
+    use super::*;
+    use proptest::prelude::*;
+
+    fn files() -> impl Strategy<Value = Vec<(String, Vec<u8>)>> {
+        proptest::collection::vec(
+            (
+                "[a-z0-9][a-z0-9.-]{0,11}",
+                proptest::collection::vec(any::<u8>(), 0..300),
+            ),
+            1..4,
+        )
+    }
+
+    /// Found by the `dispatch_chunks` fuzz target: `.` and `..` are one path component each,
+    /// so they passed the file-name check, and the gateway would have written a dispatched file
+    /// to its staging directory itself (`.`) or to the model store above it (`..`).
+    #[test]
+    fn dot_and_dot_dot_file_names_are_refused() {
+        for name in [".", "..", "", "a/b", "/", "./a"] {
+            let (msg, _) = DispatchMsg::build(Value::Null, 2, &[(name.into(), Vec::new())], 4);
+            let err = DispatchMsg::parse(&serde_json::to_vec(&msg).unwrap()).unwrap_err();
+            assert!(
+                err.to_string().contains("one path component"),
+                "{name:?}: {err}"
+            );
+        }
+        for name in ["m-v2.onnx", "...", ".probe", "a..b"] {
+            let (msg, _) = DispatchMsg::build(Value::Null, 2, &[(name.into(), Vec::new())], 4);
+            assert!(
+                DispatchMsg::parse(&serde_json::to_vec(&msg).unwrap()).is_ok(),
+                "{name:?}"
+            );
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn chunk_topics_round_trip(
+            model_topic in "[a-z0-9/]{0,24}",
+            version in any::<u64>(),
+            file in any::<usize>(),
+            index in any::<usize>(),
+        ) {
+            let topic = chunk_topic(&model_topic, version, file, index);
+            prop_assert_eq!(parse_chunk_topic(&model_topic, &topic), Some((version, file, index)));
+            prop_assert!(chunk_filter(&model_topic, version).ends_with("/#"));
+        }
+
+        #[test]
+        fn a_parsed_chunk_topic_formats_back_to_the_same_numbers(
+            tail in "[0-9+a/]{0,24}",
+        ) {
+            let model_topic = "diredi/v1/gw/model";
+            let topic = format!("{model_topic}/chunk/{tail}");
+            if let Some((v, f, i)) = parse_chunk_topic(model_topic, &topic) {
+                let canonical = chunk_topic(model_topic, v, f, i);
+                prop_assert_eq!(parse_chunk_topic(model_topic, &canonical), Some((v, f, i)));
+            }
+            prop_assert_eq!(parse_chunk_topic("other/model", &topic), None);
+        }
+
+        #[test]
+        fn any_bytes_as_an_announcement_give_a_typed_error_or_a_checked_one(
+            bytes in proptest::collection::vec(any::<u8>(), 0..256),
+        ) {
+            if let Ok(msg) = DispatchMsg::parse(&bytes) {
+                prop_assert_eq!(msg.format.as_str(), DISPATCH_FORMAT);
+                prop_assert!(!msg.files.is_empty());
+            }
+        }
+
+        #[test]
+        fn chunks_in_any_order_and_repeated_rebuild_the_files(
+            files in files(),
+            chunk_size in 1u32..128,
+            order in any::<u64>(),
+        ) {
+            let (msg, chunks) = DispatchMsg::build(Value::Null, 7, &files, chunk_size);
+            let parsed = DispatchMsg::parse(&serde_json::to_vec(&msg).unwrap()).unwrap();
+            prop_assert_eq!(&parsed, &msg);
+            let mut all: Vec<(usize, usize)> = chunks
+                .iter()
+                .enumerate()
+                .flat_map(|(f, parts)| (0..parts.len()).map(move |i| (f, i)))
+                .collect();
+            // A cheap deterministic shuffle with repeats: every chunk, then every third again.
+            let n = all.len();
+            all.rotate_left(usize::try_from(order % n as u64).unwrap());
+            all.extend(all.clone().into_iter().step_by(3));
+            let mut a = Assembly::new(parsed);
+            prop_assert_eq!(a.total(), n);
+            for (k, &(f, i)) in all.iter().enumerate() {
+                prop_assert!(a.finish().is_err());
+                a.accept(f, i, &chunks[f][i]).unwrap();
+                prop_assert_eq!(a.missing(), n.saturating_sub(k + 1));
+                if a.missing() == 0 {
+                    break;
+                }
+            }
+            prop_assert_eq!(a.finish().unwrap(), files);
+        }
+
+        #[test]
+        fn a_damaged_chunk_is_refused_and_changes_nothing(
+            files in files(),
+            chunk_size in 1u32..64,
+            pick in any::<proptest::sample::Index>(),
+            at in any::<proptest::sample::Index>(),
+            damage in 0u8..3,
+        ) {
+            let (msg, chunks) = DispatchMsg::build(Value::Null, 7, &files, chunk_size);
+            let all: Vec<(usize, usize)> = chunks
+                .iter()
+                .enumerate()
+                .flat_map(|(f, parts)| (0..parts.len()).map(move |i| (f, i)))
+                .collect();
+            let (f, i) = *pick.get(&all);
+            let mut bytes = chunks[f][i].clone();
+            let at = at.index(bytes.len().max(1));
+            match damage {
+                0 if !bytes.is_empty() => bytes[at] ^= 0x01,
+                1 if !bytes.is_empty() => bytes.truncate(at),
+                _ => bytes.push(0),
+            }
+            let mut a = Assembly::new(msg);
+            let err = a.accept(f, i, &bytes).unwrap_err();
+            let named = matches!(err, DispatchError::Chunk { file, index, .. } if (file, index) == (f, i));
+            prop_assert!(named, "{err}");
+            prop_assert_eq!(a.missing(), all.len());
+        }
     }
 }

@@ -1365,3 +1365,150 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod proptests {
+    //! Properties of the three codecs beyond the round trips in `tests`: typed errors that
+    //! leave the batch empty, the formats agreeing, truncation, the sample limit, and SenML
+    //! record order within a sample.
+
+    use super::*;
+    use proptest::prelude::*;
+
+    fn names(n: usize) -> Vec<String> {
+        (0..n).map(|i| format!("ch{i}")).collect()
+    }
+
+    fn bits(values: &[f32]) -> Vec<u32> {
+        values.iter().map(|v| v.to_bits()).collect()
+    }
+
+    /// Channel count and finite rows (any finite f32, subnormals and -0.0 included).
+    fn rows() -> impl Strategy<Value = (usize, Vec<f32>)> {
+        (1usize..6, 1usize..12).prop_flat_map(|(c, n)| {
+            let finite = any::<f32>().prop_filter("finite", |v| v.is_finite());
+            (Just(c), proptest::collection::vec(finite, c * n))
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn any_input_gives_a_whole_batch_or_a_typed_error_and_an_empty_batch(
+            prefix in prop_oneof![Just(&b""[..]), Just(&b"DRB1"[..]), Just(&b"{"[..]), Just(&b"["[..])],
+            tail in proptest::collection::vec(any::<u8>(), 0..128),
+            c in 1usize..4,
+        ) {
+            let payload = [prefix, &tail[..]].concat();
+            let mut out = SensorBatch { ts_ms: Some(1), channels: 9, values: vec![1.0; 9] };
+            match decode_sensor(&payload, &names(c), &DecodeLimits::default(), &mut out) {
+                Ok(()) => {
+                    prop_assert_eq!(out.channels, c);
+                    prop_assert!(!out.values.is_empty() && out.values.len().is_multiple_of(c));
+                    prop_assert!(out.values.iter().all(|v| v.is_finite()));
+                }
+                Err(e) => {
+                    prop_assert!(DecodeError::ALL_KINDS.contains(&e.kind()));
+                    prop_assert!(!e.to_string().is_empty());
+                    prop_assert!(out.values.is_empty());
+                    prop_assert_eq!(out.ts_ms, None);
+                }
+            }
+        }
+
+        #[test]
+        fn the_three_formats_decode_to_the_same_bits((c, rows) in rows()) {
+            let ch = names(c);
+            let lim = DecodeLimits::default();
+            let mut decoded = Vec::new();
+            for payload in [
+                encode_json(Some(1_700_000_000_000), &rows, c),
+                encode_binary(Some(1_700_000_000_000), &rows, c),
+                encode_senml("d/", 1_700_000_000_000, 50.0, &rows, &ch),
+            ] {
+                let mut out = SensorBatch::new();
+                decode_sensor(&payload, &ch, &lim, &mut out).unwrap();
+                prop_assert_eq!(out.ts_ms, Some(1_700_000_000_000));
+                decoded.push(out.values);
+            }
+            prop_assert_eq!(bits(&decoded[0]), bits(&rows));
+            prop_assert_eq!(bits(&decoded[1]), bits(&rows));
+            // SenML adds the base value (0 here), which turns -0.0 into 0.0: equal as numbers.
+            prop_assert_eq!(&decoded[2], &rows);
+        }
+
+        #[test]
+        fn a_cut_binary_payload_holds_whole_frames_or_is_refused(
+            (c, rows) in rows(),
+            cut in any::<proptest::sample::Index>(),
+        ) {
+            let full = encode_binary(None, &rows, c);
+            let len = cut.index(full.len());
+            let mut out = SensorBatch::new();
+            let got = decode_sensor(&full[..len], &names(c), &DecodeLimits::default(), &mut out);
+            let body = len.saturating_sub(BINARY_HEADER_LEN);
+            if len < BINARY_HEADER_LEN {
+                prop_assert!(got.is_err());
+            } else if body % (4 * c) != 0 {
+                prop_assert_eq!(got, Err(DecodeError::BinaryLength { body_len: body, frame_bytes: 4 * c }));
+            } else if body == 0 {
+                prop_assert_eq!(got, Err(DecodeError::Empty));
+            } else {
+                prop_assert_eq!(got, Ok(()));
+                prop_assert_eq!(bits(&out.values), bits(&rows[..body / 4]));
+            }
+        }
+
+        #[test]
+        fn the_sample_limit_holds_in_every_format(
+            (c, rows) in rows(),
+            max_samples in 1usize..12,
+        ) {
+            let ch = names(c);
+            let limits = DecodeLimits { max_samples, ..DecodeLimits::default() };
+            let n = rows.len() / c;
+            for payload in [
+                encode_json(None, &rows, c),
+                encode_binary(None, &rows, c),
+                encode_senml("d/", 1_700_000_000_000, 10.0, &rows, &ch),
+            ] {
+                let mut out = SensorBatch::new();
+                let got = decode_sensor(&payload, &ch, &limits, &mut out);
+                if n <= max_samples {
+                    prop_assert_eq!(got, Ok(()));
+                } else {
+                    prop_assert_eq!(got, Err(DecodeError::TooManySamples { max: max_samples }));
+                }
+            }
+        }
+
+        #[test]
+        fn senml_records_of_one_sample_may_come_in_any_order(
+            (c, rows) in rows(),
+            order in Just((0..6).collect::<Vec<usize>>()).prop_shuffle(),
+        ) {
+            let order: Vec<usize> = order.into_iter().filter(|&j| j < c).collect();
+            let mut records = Vec::new();
+            for (i, row) in rows.chunks_exact(c).enumerate() {
+                for &j in &order {
+                    let base = if records.is_empty() { r#""bt":1700000000,"# } else { "" };
+                    records.push(format!(r#"{{{base}"n":"ch{j}","t":{}, "v":{:?}}}"#, i as f64 * 0.5, row[j]));
+                }
+            }
+            let payload = format!("[{}]", records.join(","));
+            let mut out = SensorBatch::new();
+            decode_sensor(payload.as_bytes(), &names(c), &DecodeLimits::default(), &mut out).unwrap();
+            prop_assert_eq!(out.values, rows);
+            prop_assert_eq!(out.ts_ms, Some(1_700_000_000_000));
+        }
+
+        #[test]
+        fn senml_must_understand_labels_are_refused(label in "[a-z]{0,6}_") {
+            let payload = format!(r#"[{{"n":"ch0","v":1,"{label}":0}}]"#);
+            let mut out = SensorBatch::new();
+            let err = decode_sensor(payload.as_bytes(), &names(1), &DecodeLimits::default(), &mut out)
+                .unwrap_err();
+            prop_assert_eq!(err.kind(), "malformed_senml");
+        }
+    }
+}
