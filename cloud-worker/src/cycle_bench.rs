@@ -56,9 +56,17 @@ pub struct BenchArgs {
     /// Teacher checkpoint (safetensors with its JSON sidecar).
     #[arg(long, default_value = "onnx-models/hapt-teacher-v1.safetensors")]
     pub teacher: PathBuf,
-    /// Settings (TOML with optional `[adapt]`, `[quant]`, `[update]` tables).
+    /// Settings (TOML with optional `[adapt]` (and `[adapt.dp]`), `[quant]`, `[update]`
+    /// tables).
     #[arg(long)]
     pub config: Option<PathBuf>,
+    /// Adapt with differential privacy (`[adapt.dp]` settings, enabled).
+    #[arg(long)]
+    pub dp: bool,
+    /// The device's side only: S0, LOCAL, the knowledge and the attack; no cloud update, so
+    /// DIREDI and UPLOAD are null. For tuning the adaptation quickly.
+    #[arg(long)]
+    pub device_only: bool,
 }
 
 /// Every setting of the benchmark.
@@ -183,6 +191,8 @@ struct UserResult {
     exclusive_raw_bytes: f64,
     mia_auc: f64,
     mia_auc_control: f64,
+    /// ε (at `[adapt.dp] delta`) of this adaptation, when it ran with differential privacy.
+    dp_epsilon: Option<f64>,
     s0_user_f1: f64,
     local_user_f1: f64,
     diredi_user_f1: f64,
@@ -230,13 +240,16 @@ fn mean_std(values: &[f64]) -> (f64, f64) {
 
 /// Runs the benchmark; `machine` is recorded in the JSON.
 pub fn run(args: &BenchArgs, machine: serde_json::Value) -> Result<()> {
-    let cfg: BenchConfig = match &args.config {
+    let mut cfg: BenchConfig = match &args.config {
         Some(p) => toml::from_str(
             &std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
         )
         .with_context(|| format!("parsing {}", p.display()))?,
         None => BenchConfig::default(),
     };
+    cfg.adapt.dp.enabled |= args.dp;
+    let dp_epsilon =
+        |rho: Option<f64>| rho.map(|r| diredi_learn::privacy::epsilon(r, cfg.adapt.dp.delta));
     let started = Instant::now();
     let prepared = pipeline::prepare(&args.dataset, &args.split)?;
     let split = &prepared.split;
@@ -352,6 +365,50 @@ pub fn run(args: &BenchArgs, machine: serde_json::Value) -> Result<()> {
             &losses(&rebuilt, &received.classes, &u.test, &split.classes)?,
         );
 
+        if args.device_only {
+            let nan = Score {
+                acc: f64::NAN,
+                f1: f64::NAN,
+            };
+            let r = UserResult {
+                local_user_acc: local_user.acc,
+                local_presumed_acc: local_presumed.acc,
+                local_user_f1: local_user.f1,
+                knowledge_bytes: bytes.len() as f64,
+                mia_auc: mia,
+                dp_epsilon: dp_epsilon(adapted.dp_rho),
+                new_classes: adapted.classes[k0..].to_vec(),
+                probe_acc_after: adapted.probe_accuracy_after,
+                guard_refused: false,
+                package_id: received.package_id.clone(),
+                seconds: json!({ "adapt": t_adapt, "extract_and_encode": t_extract }),
+                ..refused(
+                    u,
+                    nan,
+                    nan,
+                    mia_auc_control,
+                    adapted.probe_accuracy_before,
+                    adapted.probe_accuracy_after,
+                )
+            };
+            let r = UserResult {
+                s0_user_acc: s0_user.acc,
+                s0_presumed_acc: s0_presumed.acc,
+                s0_user_f1: s0_user.f1,
+                ..r
+            };
+            tracing::info!(
+                user = %r.user,
+                s0 = format!("{:.3}/{:.3}", r.s0_user_acc, r.s0_presumed_acc),
+                local = format!("{:.3}/{:.3}", r.local_user_acc, r.local_presumed_acc),
+                mia = format!("{:.3} (control {:.3})", r.mia_auc, r.mia_auc_control),
+                epsilon = ?r.dp_epsilon,
+                adapt_s = format!("{t_adapt:.2}"),
+                "User done, device side only (user-test/presumed-test accuracy)."
+            );
+            results.push(r);
+            continue;
+        }
         let out = update(
             &teacher,
             &installed,
@@ -401,6 +458,7 @@ pub fn run(args: &BenchArgs, machine: serde_json::Value) -> Result<()> {
             exclusive_raw_bytes: (u.exclusive.x.len() * 4) as f64,
             mia_auc: mia,
             mia_auc_control,
+            dp_epsilon: dp_epsilon(adapted.dp_rho),
             s0_user_f1: s0_user.f1,
             local_user_f1: local_user.f1,
             diredi_user_f1: diredi_user.f1,
@@ -457,6 +515,12 @@ pub fn run(args: &BenchArgs, machine: serde_json::Value) -> Result<()> {
     let mut std = serde_json::Map::new();
     for key in KEYS {
         let v: Vec<f64> = table.iter().filter_map(|r| r[key].as_f64()).collect();
+        if v.is_empty() {
+            // A method this run skipped (`--device-only`).
+            mean.insert(key.to_owned(), serde_json::Value::Null);
+            std.insert(key.to_owned(), serde_json::Value::Null);
+            continue;
+        }
         let (m, s) = mean_std(&v);
         mean.insert(key.to_owned(), json!(m));
         std.insert(key.to_owned(), json!(s));
@@ -541,6 +605,7 @@ fn refused(
         exclusive_raw_bytes: (u.exclusive.x.len() * 4) as f64,
         mia_auc: control,
         mia_auc_control: control,
+        dp_epsilon: None,
         s0_user_f1: s0_user.f1,
         local_user_f1: s0_user.f1,
         diredi_user_f1: s0_user.f1,

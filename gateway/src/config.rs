@@ -151,7 +151,8 @@ impl Default for RawMqtt {
     }
 }
 
-/// `[uplink]`: connection to the cloud broker (status only for now).
+/// `[uplink]`: connection to the cloud broker: the status, and with `[learning]` the knowledge
+/// out and the models in (else those travel on the local broker).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RawUplink {
@@ -327,8 +328,11 @@ pub struct RawLearning {
     /// Start an adaptation by itself once this many windows were labelled since the last
     /// one (0 = only on command).
     pub adapt_after_labels: u64,
+    /// Serve the adapted model locally while the cloud's update is pending. Off by default:
+    /// per DiReDi the manufacturer's model stays in charge.
+    pub serve_adapted: bool,
     /// Local adaptation hyper-parameters (see diredi-learn's `AdaptConfig`), including the
-    /// probe guard's `guard_margin`.
+    /// probe guard's `guard_margin` and differential privacy (`[learning.adapt.dp]`).
     pub adapt: AdaptConfig,
     /// Quantisation of the knowledge delta: `bits` (8 or 4) and `keep` (fraction of each
     /// tensor's entries kept, largest first).
@@ -367,6 +371,7 @@ impl Default for RawLearning {
             max_outbox: 16,
             knowledge_retry_s: 15.0,
             adapt_after_labels: 0,
+            serve_adapted: false,
             adapt: AdaptConfig::default(),
             quant: RawQuant::default(),
         }
@@ -392,6 +397,8 @@ pub struct LearningConfig {
     pub knowledge_retry: Duration,
     /// Labelled windows that start an adaptation by themselves (0 = off).
     pub adapt_after_labels: u64,
+    /// Serve the adapted model until the cloud's update arrives.
+    pub serve_adapted: bool,
     /// Adaptation hyper-parameters.
     pub adapt: AdaptConfig,
     /// Knowledge quantisation.
@@ -1166,6 +1173,7 @@ pub fn compile(raw: &RawConfig, base: &Path, source: Option<&Path>) -> Result<Co
         max_outbox: l.max_outbox,
         knowledge_retry: Duration::from_secs_f64(l.knowledge_retry_s.clamp(0.1, 86_400.0)),
         adapt_after_labels: l.adapt_after_labels,
+        serve_adapted: l.serve_adapted,
         adapt: AdaptConfig {
             // One limit for labels and adaptation: the store's.
             max_new_classes: l.max_new_classes,

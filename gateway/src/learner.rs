@@ -15,9 +15,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use diredi_infer::{OrtClassifier, SessionConfig};
 use diredi_learn::adapt::{adapt, AdaptConfig, Exclusive};
 use diredi_learn::knowledge::{extract, KnowledgeMeta, QuantConfig};
-use diredi_learn::onnx::import;
+use diredi_learn::model::Net;
+use diredi_learn::onnx::{export, import};
+use diredi_learn::privacy::{epsilon, BudgetExceeded};
 use diredi_learn::probe::ProbeSet;
 use diredi_learn::train::Windows;
 use diredi_protocol::messages::{CommandMsg, ErrorMsg, KnowledgeAckMsg};
@@ -29,7 +32,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::metrics::kinds;
 use crate::metrics::Metrics;
-use crate::model::{ModelHandle, ModelSource};
+use crate::model::{LoadedModel, ModelHandle, ModelSource};
 use crate::mqtt::LinkState;
 use crate::outbox::{Outbox, Pushed};
 use crate::pipeline::unix_ms;
@@ -58,6 +61,12 @@ pub enum LearnError {
     /// Adaptation failed or its guard refused the result.
     #[error(transparent)]
     Adapt(#[from] diredi_learn::adapt::AdaptError),
+    /// The privacy budget cannot pay for another adaptation.
+    #[error(transparent)]
+    Privacy(#[from] BudgetExceeded),
+    /// The adapted model cannot be served locally (`serve_adapted`).
+    #[error("cannot serve the adapted model: {0}")]
+    Serve(String),
     /// Extracting or encoding the knowledge failed.
     #[error(transparent)]
     Knowledge(#[from] diredi_learn::knowledge::KnowledgeError),
@@ -84,6 +93,39 @@ pub struct AdaptReport {
     pub knowledge_bytes: usize,
     /// Seconds of adaptation plus reverse distillation.
     pub seconds: f64,
+    /// Differential privacy of this adaptation, when enabled.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub privacy: Option<PrivacyReport>,
+    /// The adapted model now serves on this gateway (`[learning] serve_adapted`).
+    pub serving_adapted: bool,
+}
+
+/// The privacy accounting of one DP adaptation (ε at `delta`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PrivacyReport {
+    /// ε of this adaptation alone.
+    pub epsilon: f64,
+    /// ε this gateway has spent in all, this adaptation included.
+    pub epsilon_spent: f64,
+    /// The gateway's budget.
+    pub epsilon_budget: f64,
+    /// δ.
+    pub delta: f64,
+    /// DP adaptations accounted on this gateway.
+    pub adaptations: u64,
+}
+
+/// What [`adapt_and_extract`] gives: the report, the encoded knowledge and the adapted model.
+#[derive(Debug)]
+pub struct Extracted {
+    /// The report (no user data in it).
+    pub report: AdaptReport,
+    /// The knowledge package.
+    pub bytes: Vec<u8>,
+    /// The adapted student.
+    pub net: Net,
+    /// Its classes.
+    pub classes: Vec<String>,
 }
 
 /// Adapts the installed model (`source`) on `windows` and extracts the knowledge. Pure
@@ -93,7 +135,7 @@ pub fn adapt_and_extract(
     windows: &[StoredWindow],
     cfg: &AdaptConfig,
     quant: &QuantConfig,
-) -> Result<(AdaptReport, Vec<u8>), LearnError> {
+) -> Result<Extracted, LearnError> {
     let started = std::time::Instant::now();
     let m = &source.manifest;
     let (c, t) = (m.input.channels.len(), m.input.window);
@@ -134,19 +176,23 @@ pub fn adapt_and_extract(
         },
     )?;
     let bytes = knowledge.to_bytes()?;
-    Ok((
-        AdaptReport {
+    Ok(Extracted {
+        report: AdaptReport {
             package_id: knowledge.package_id.clone(),
             base_version: m.version,
             windows: usable.len(),
-            classes: adapted.classes,
+            classes: adapted.classes.clone(),
             probe_accuracy_before: adapted.probe_accuracy_before,
             probe_accuracy_after: adapted.probe_accuracy_after,
             knowledge_bytes: bytes.len(),
             seconds: started.elapsed().as_secs_f64(),
+            privacy: None,
+            serving_adapted: false,
         },
         bytes,
-    ))
+        net: adapted.net,
+        classes: adapted.classes,
+    })
 }
 
 /// The gateway's learner: starts adaptations, keeps the outbox moving.
@@ -157,6 +203,7 @@ pub struct Learner {
     topics: Topics,
     adapt: AdaptConfig,
     quant: QuantConfig,
+    serve: Option<SessionConfig>,
     busy: AtomicBool,
     wake: Notify,
     metrics: Arc<Metrics>,
@@ -171,7 +218,10 @@ impl std::fmt::Debug for Learner {
 }
 
 impl Learner {
-    /// A learner over `store` and `outbox`, adapting the model behind `model`.
+    /// A learner over `store` and `outbox`, adapting the model behind `model`. With `serve`
+    /// (`[learning] serve_adapted`), an adapted model replaces the served one, in an ONNX
+    /// Runtime session of those settings, until the cloud's update arrives.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         store: Arc<ExclusiveStore>,
         outbox: Arc<Outbox>,
@@ -179,6 +229,7 @@ impl Learner {
         topics: Topics,
         adapt: AdaptConfig,
         quant: QuantConfig,
+        serve: Option<SessionConfig>,
         metrics: Arc<Metrics>,
     ) -> Self {
         Learner {
@@ -188,6 +239,7 @@ impl Learner {
             topics,
             adapt,
             quant,
+            serve,
             busy: AtomicBool::new(false),
             wake: Notify::new(),
             metrics,
@@ -254,18 +306,62 @@ impl Learner {
             .store
             .all()
             .map_err(|e| LearnError::Storage(e.to_string()))?;
-        let (report, bytes) = adapt_and_extract(source, &windows, &self.adapt, &self.quant)?;
+        // Privacy is paid before the data is touched, and recorded durably first: a crash
+        // during the adaptation cannot leave it unaccounted.
+        let privacy = if self.adapt.dp.enabled {
+            let dp = &self.adapt.dp;
+            let spent = self
+                .store
+                .ledger()
+                .map_err(|e| LearnError::Storage(e.to_string()))?;
+            let next = spent.charge(dp, self.adapt.epochs)?;
+            self.store
+                .set_ledger(&next)
+                .map_err(|e| LearnError::Storage(e.to_string()))?;
+            Some(PrivacyReport {
+                epsilon: epsilon(dp.rho(self.adapt.epochs), dp.delta),
+                epsilon_spent: next.epsilon(dp.delta),
+                epsilon_budget: dp.epsilon_budget,
+                delta: dp.delta,
+                adaptations: next.adaptations,
+            })
+        } else {
+            None
+        };
+        let mut out = adapt_and_extract(source, &windows, &self.adapt, &self.quant)?;
+        out.report.privacy = privacy;
         match self
             .outbox
-            .push(&report.package_id, &self.topics.knowledge(), &bytes)
+            .push(&out.report.package_id, &self.topics.knowledge(), &out.bytes)
             .map_err(|e| LearnError::Storage(e.to_string()))?
         {
-            Pushed::Queued | Pushed::Duplicate => Ok(report),
-            Pushed::Full => Err(LearnError::Storage(
-                "the knowledge outbox is full; the cloud has not acknowledged earlier packages"
-                    .into(),
-            )),
+            Pushed::Queued | Pushed::Duplicate => {}
+            Pushed::Full => {
+                return Err(LearnError::Storage(
+                    "the knowledge outbox is full; the cloud has not acknowledged earlier packages"
+                        .into(),
+                ))
+            }
         }
+        if let Some(session) = &self.serve {
+            let onnx = export(&out.net).map_err(|e| LearnError::Serve(e.to_string()))?;
+            let classifier = OrtClassifier::from_bytes(&onnx, session)
+                .map_err(|e| LearnError::Serve(e.to_string()))?;
+            // Only over the model it was adapted from: an update installed meanwhile wins.
+            let current = self.model.load_full();
+            if current.source().map(|s| &s.manifest.sha256) == Some(&source.manifest.sha256) {
+                let local =
+                    LoadedModel::adapted_locally(&current, out.classes, Box::new(classifier))
+                        .map_err(|e| LearnError::Serve(e.to_string()))?;
+                self.model.store(Arc::new(local));
+                out.report.serving_adapted = true;
+                tracing::info!(
+                    base_version = source.manifest.version,
+                    "Serving the adapted model until the cloud's update arrives ([learning] serve_adapted)."
+                );
+            }
+        }
+        Ok(out.report)
     }
 
     /// Handles a `knowledge/ack` payload.

@@ -251,6 +251,11 @@ pub async fn run_with(
                 topics.clone(),
                 l.adapt.clone(),
                 l.quant.clone(),
+                l.serve_adapted.then(|| diredi_infer::SessionConfig {
+                    intra_threads: config.runtime.intra_threads,
+                    inter_threads: config.runtime.inter_threads,
+                    providers: config.runtime.providers.clone(),
+                }),
                 metrics.clone(),
             ));
             (
@@ -358,6 +363,28 @@ pub async fn run_with(
         let (model, identity, topic) = (model.clone(), identity.clone(), topics.status());
         Arc::new(move || status::announcements(&topic, &identity, &model.load(), None))
     };
+    // The cloud's side of the loop (knowledge receipts, models) comes over the uplink when
+    // there is one, else over the local broker (the embedded demo).
+    let cloud_subs: Vec<(String, rumqttc::QoS)> = [
+        topics.knowledge_ack(),
+        topics.model(),
+        diredi_protocol::topics::FLEET_MODEL.to_owned(),
+    ]
+    .into_iter()
+    .map(|t| (t, rumqttc::QoS::AtLeastOnce))
+    .collect();
+    let uplink_intake = (config.uplink.is_some() && config.learning.is_some()).then(|| {
+        Intake::new(
+            topics.clone(),
+            shard_txs.clone(),
+            intake_open.clone(),
+            pending.clone(),
+            metrics.clone(),
+            reporter.clone(),
+            config.errors_per_sensor_per_second,
+        )
+        .with_control(control_tx.clone())
+    });
     let state = link_state(&config.mqtt);
     health.add_loop("local", state.health.clone());
     let mut ready = state.ready.subscribe();
@@ -369,12 +396,9 @@ pub async fn run_with(
                 if config.learning.is_some() {
                     subs.push((topics.label_filter(), rumqttc::QoS::AtLeastOnce));
                     subs.push((topics.command(), rumqttc::QoS::AtLeastOnce));
-                    subs.push((topics.knowledge_ack(), rumqttc::QoS::AtLeastOnce));
-                    subs.push((topics.model(), rumqttc::QoS::AtLeastOnce));
-                    subs.push((
-                        diredi_protocol::topics::FLEET_MODEL.to_owned(),
-                        rumqttc::QoS::AtLeastOnce,
-                    ));
+                    if config.uplink.is_none() {
+                        subs.extend(cloud_subs.iter().cloned());
+                    }
                 }
                 subs
             },
@@ -402,7 +426,7 @@ pub async fn run_with(
         eventloop,
     );
 
-    // Uplink: status only for now.
+    // Uplink: the status, and with learning the knowledge out and the models in.
     let uplink = config.uplink.as_ref().map(|u| {
         let (client, eventloop) = AsyncClient::new(mqtt::options(u, &offline), u.request_capacity);
         let state = link_state(u);
@@ -410,10 +434,14 @@ pub async fn run_with(
         spawn_link(
             Link {
                 name: "uplink",
-                subscriptions: Vec::new(),
+                subscriptions: if uplink_intake.is_some() {
+                    cloud_subs.clone()
+                } else {
+                    Vec::new()
+                },
                 announce: uplink_announce.clone(),
                 reannounce_on: None,
-                intake: None,
+                intake: uplink_intake,
                 backoff: Backoff::new(u.reconnect_min, u.reconnect_max),
                 state,
             },
@@ -427,10 +455,16 @@ pub async fn run_with(
     let mut learner_tasks = Vec::new();
     if let (Some(learner), Some(state_dir)) = (&learner, &state_dir) {
         let (l, reporter, stop) = (learner.clone(), reporter.clone(), tasks_stop.clone());
+        // The link the cloud talks to: the uplink when configured.
+        let (cloud_client, cloud_state) = match &uplink {
+            Some(u) => (u.client.clone(), u.state.clone()),
+            None => (local.client.clone(), state.clone()),
+        };
+        let cloud_publisher: Arc<dyn Publisher> = Arc::new(cloud_client.clone());
         let mut installer = install::Installer::new(
             topics.clone(),
             identity.clone(),
-            local.client.clone(),
+            cloud_client,
             model.clone(),
             config.model.clone(),
             config.runtime.clone(),
@@ -488,8 +522,8 @@ pub async fn run_with(
         }));
         learner_tasks.push(tokio::spawn(
             learner.clone().run_sender(
-                publisher.clone(),
-                state.clone(),
+                cloud_publisher,
+                cloud_state,
                 config
                     .learning
                     .as_ref()

@@ -89,6 +89,9 @@ pub struct ModelSpec {
     pub output: OutputKind,
     /// Key that signed the manifest.
     pub key_id: String,
+    /// Adapted on this gateway from the installed model (`[learning] serve_adapted`), not
+    /// signed by anyone; `version` is still the installed model's.
+    pub adapted_locally: bool,
 }
 
 impl ModelSpec {
@@ -175,12 +178,48 @@ impl LoadedModel {
             classes: m.classes.clone(),
             output: m.output.kind,
             key_id: verified.key_id().to_owned(),
+            adapted_locally: false,
         };
         Ok(LoadedModel {
             generation: GENERATION.fetch_add(1, Ordering::Relaxed),
             spec,
             classifier,
             source: None,
+        })
+    }
+
+    /// The model adapted on this gateway from `installed`, serving with `classifier` (whose
+    /// outputs are `classes`). It keeps `installed`'s source, so the next adaptation and its
+    /// knowledge delta are relative to the manufacturer's signed model again.
+    pub fn adapted_locally(
+        installed: &LoadedModel,
+        classes: Vec<String>,
+        classifier: Box<dyn Classifier>,
+    ) -> Result<Self, ModelError> {
+        let base = &installed.spec;
+        let checks = [
+            ("channels", base.input.channels.len(), classifier.channels()),
+            ("window", base.input.window, classifier.window()),
+            ("outputs", classes.len(), classifier.num_outputs()),
+        ];
+        for (what, expected, found) in checks {
+            if expected != found {
+                return Err(ModelError::Interface {
+                    what,
+                    expected,
+                    found,
+                });
+            }
+        }
+        Ok(LoadedModel {
+            generation: GENERATION.fetch_add(1, Ordering::Relaxed),
+            spec: ModelSpec {
+                classes,
+                adapted_locally: true,
+                ..base.clone()
+            },
+            classifier,
+            source: installed.source.clone(),
         })
     }
 

@@ -46,6 +46,7 @@ pub fn status(identity: &Identity, state: GatewayState, model: Option<&LoadedMod
         version: VERSION.to_owned(),
         started_at: identity.started_at,
         install: None,
+        model_adapted_locally: model.is_some_and(|m| m.spec().adapted_locally),
     }
 }
 

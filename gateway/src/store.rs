@@ -14,6 +14,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use diredi_learn::privacy::Ledger;
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
 
@@ -21,6 +22,9 @@ use serde::{Deserialize, Serialize};
 const WINDOWS: TableDefinition<'_, u64, &[u8]> = TableDefinition::new("windows");
 /// `sensor \0 end_ts` → sequence number, to relabel a window instead of storing it twice.
 const INDEX: TableDefinition<'_, &str, u64> = TableDefinition::new("index");
+/// `"ledger"` → the differential-privacy ledger (JSON), beside the data it accounts for.
+const PRIVACY: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("privacy");
+const LEDGER_KEY: &str = "ledger";
 
 /// Errors of the exclusive store.
 #[derive(Debug, thiserror::Error)]
@@ -182,6 +186,7 @@ impl ExclusiveStore {
         let db = open_db(path, |tx| {
             tx.open_table(WINDOWS)?;
             tx.open_table(INDEX)?;
+            tx.open_table(PRIVACY)?;
             Ok(())
         })
         .map_err(|reason| StoreError::Database {
@@ -307,6 +312,33 @@ impl ExclusiveStore {
         Ok(self.len()? == 0)
     }
 
+    /// The privacy this gateway has spent ([`Ledger::default`] before the first DP
+    /// adaptation).
+    pub fn ledger(&self) -> Result<Ledger, StoreError> {
+        let tx = self.db.begin_read().map_err(|e| self.err(e))?;
+        let table = tx.open_table(PRIVACY).map_err(|e| self.err(e))?;
+        match table.get(LEDGER_KEY).map_err(|e| self.err(e))? {
+            Some(v) => serde_json::from_slice(v.value()).map_err(|e| StoreError::Corrupt {
+                seq: 0,
+                reason: format!("privacy ledger: {e}"),
+            }),
+            None => Ok(Ledger::default()),
+        }
+    }
+
+    /// Records `ledger` (committed before the adaptation it pays for starts).
+    pub fn set_ledger(&self, ledger: &Ledger) -> Result<(), StoreError> {
+        let bytes = serde_json::to_vec(ledger).map_err(|e| self.err(e))?;
+        let tx = self.db.begin_write().map_err(|e| self.err(e))?;
+        {
+            let mut table = tx.open_table(PRIVACY).map_err(|e| self.err(e))?;
+            table
+                .insert(LEDGER_KEY, bytes.as_slice())
+                .map_err(|e| self.err(e))?;
+        }
+        tx.commit().map_err(|e| self.err(e))
+    }
+
     /// Windows evicted by the size bound since the store was opened.
     pub fn evicted(&self) -> u64 {
         self.evicted.load(Ordering::Relaxed)
@@ -348,6 +380,29 @@ mod tests {
         assert_eq!(all[0].class, "sit");
         assert_eq!(all[1].data, vec![-1.25; 12]);
         assert_eq!(s.histogram().unwrap()["sit"], 2);
+    }
+
+    #[test]
+    fn the_privacy_ledger_survives_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("exclusive.redb");
+        {
+            let s = ExclusiveStore::open(&path, 100, 2).unwrap();
+            assert_eq!(s.ledger().unwrap(), Ledger::default());
+            s.set_ledger(&Ledger {
+                rho: 0.75,
+                adaptations: 2,
+            })
+            .unwrap();
+        }
+        let s = ExclusiveStore::open(&path, 100, 2).unwrap();
+        assert_eq!(
+            s.ledger().unwrap(),
+            Ledger {
+                rho: 0.75,
+                adaptations: 2
+            }
+        );
     }
 
     #[test]

@@ -19,16 +19,18 @@
 
 use std::time::Instant;
 
-use candle_core::{Device, Tensor};
+use candle_core::backprop::GradStore;
+use candle_core::{Device, Tensor, Var};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
+use rand_chacha::{ChaCha20Rng, ChaCha8Rng};
 use serde::{Deserialize, Serialize};
 
 use crate::kd::{self, KdError};
 use crate::metrics::argmax_rows;
 use crate::model::{ModelError, Net};
+use crate::privacy::DpConfig;
 use crate::probe::ProbeSet;
 use crate::train::{self, predict, Augment, TrainError, Windows};
 
@@ -105,8 +107,11 @@ pub struct AdaptConfig {
     pub guard_margin: f64,
     /// Augmentation of the user's windows.
     pub augment: Augment,
-    /// Seed of shuffling, augmentation, probe sampling and new head rows.
+    /// Seed of shuffling, augmentation, probe sampling and new head rows (never of the
+    /// privacy noise, which comes from the operating system).
     pub seed: u64,
+    /// Differential privacy (off by default).
+    pub dp: DpConfig,
 }
 
 impl Default for AdaptConfig {
@@ -127,6 +132,7 @@ impl Default for AdaptConfig {
                 shift: 8,
             },
             seed: 7,
+            dp: DpConfig::default(),
         }
     }
 }
@@ -169,6 +175,9 @@ impl AdaptConfig {
         if !((0.0..1.0).contains(&self.augment.scale) && noise_ok) {
             p.push("augment.scale must be in [0, 1) and augment.noise >= 0".to_owned());
         }
+        if self.dp.enabled {
+            p.extend(self.dp.problems());
+        }
         if p.is_empty() {
             Ok(())
         } else {
@@ -195,8 +204,10 @@ pub struct Adapted {
     pub classes: Vec<String>,
     /// How many of `classes` are new.
     pub new_classes: usize,
-    /// Windows per class of the user's labels, in `classes` order.
+    /// Windows per class of the user's labels, in `classes` order (with noise under DP).
     pub histogram: Vec<u32>,
+    /// ρ (zCDP) this adaptation spent, when it ran with differential privacy.
+    pub dp_rho: Option<f64>,
     /// Probe accuracy of the base model.
     pub probe_accuracy_before: f64,
     /// Probe accuracy of the adapted model.
@@ -245,6 +256,65 @@ fn accuracy(logits: &[f32], k: usize, y: &[u32]) -> f64 {
     let pred = argmax_rows(logits, k);
     let ok = pred.iter().zip(y).filter(|(a, b)| a == b).count();
     ok as f64 / y.len().max(1) as f64
+}
+
+/// One standard normal draw (Box–Muller).
+fn gaussian(rng: &mut ChaCha20Rng) -> f64 {
+    let u1: f64 = rng.gen_range(f64::MIN_POSITIVE..1.0);
+    let u2: f64 = rng.gen();
+    (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+}
+
+/// The DP-SGD gradient of the user's part of a step: each window's cross-entropy gradient
+/// clipped to `clip_norm` on its own, summed, Gaussian noise of `noise_multiplier ·
+/// clip_norm` added per coordinate, divided by the batch size. Batch norm frozen, no dropout:
+/// the forward pass of one window depends on that window alone.
+fn dp_user_gradients(
+    net: &Net,
+    vars: &[Var],
+    x: &[f32],
+    y: &[u32],
+    dp: &DpConfig,
+    noise: &mut ChaCha20Rng,
+) -> Result<GradStore, AdaptError> {
+    let m = y.len();
+    let per = x.len() / m.max(1);
+    let (c, t) = (net.config().in_channels, net.config().window);
+    let mut sums: Vec<Tensor> = vars
+        .iter()
+        .map(|v| v.as_tensor().zeros_like())
+        .collect::<Result<_, _>>()?;
+    for (i, &label) in y.iter().enumerate() {
+        let xi = Tensor::from_slice(&x[i * per..(i + 1) * per], (1, c, t), &Device::Cpu)?;
+        let yi = Tensor::from_vec(vec![label], 1, &Device::Cpu)?;
+        let loss = kd::cross_entropy(&net.forward_t(&xi, false)?, &yi)?;
+        let value = loss.to_scalar::<f32>()?;
+        if !value.is_finite() {
+            return Err(AdaptError::Diverged(value));
+        }
+        let grads = loss.backward()?;
+        let per_var: Vec<Option<&Tensor>> = vars.iter().map(|v| grads.get(v)).collect();
+        let mut sq = 0f64;
+        for g in per_var.iter().flatten() {
+            sq += f64::from(g.sqr()?.sum_all()?.to_scalar::<f32>()?);
+        }
+        let scale = (dp.clip_norm / (sq.sqrt() + 1e-12)).min(1.0);
+        for (sum, g) in sums.iter_mut().zip(&per_var) {
+            if let Some(g) = g {
+                *sum = (&*sum + (*g * scale)?)?;
+            }
+        }
+    }
+    let std = dp.noise_multiplier * dp.clip_norm;
+    let mut out = GradStore::default();
+    for (v, sum) in vars.iter().zip(sums) {
+        let draws: Vec<f32> = (0..sum.elem_count())
+            .map(|_| (std * gaussian(noise)) as f32)
+            .collect();
+        let noisy = (sum + Tensor::from_vec(draws, v.as_tensor().shape(), &Device::Cpu)?)?;
+        out.insert(v.as_tensor(), (noisy / m as f64)?);
+    }
+    Ok(out)
 }
 
 /// Fine-tunes a copy of `base` on the user's exclusive windows, regularised on the probe set,
@@ -317,6 +387,7 @@ pub fn adapt(
     let mut net = base.try_clone()?;
     net.extend_head(k, cfg.seed ^ 0x00AD_A970)?;
     let (decay, no_decay) = net.trainable_vars();
+    let all_vars: Vec<Var> = decay.iter().chain(&no_decay).cloned().collect();
     let params = |wd| ParamsAdamW {
         lr: cfg.lr,
         weight_decay: wd,
@@ -325,6 +396,8 @@ pub fn adapt(
     let mut opt_decay = AdamW::new(decay, params(cfg.weight_decay))?;
     let mut opt_plain = AdamW::new(no_decay, params(0.0))?;
     let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
+    // Privacy noise must not be predictable from the configuration: the OS seeds it.
+    let mut dp_noise = cfg.dp.enabled.then(ChaCha20Rng::from_entropy);
     let n = exclusive.x.n();
     let per = c * t;
     let steps_per_epoch = n.div_ceil(cfg.batch_size);
@@ -355,26 +428,59 @@ pub fn adapt(
                 xb.extend_from_slice(probe_x.window(j));
                 tb.extend_from_slice(&targets[j * k..(j + 1) * k]);
             }
-            let x = Tensor::from_vec(xb, (m + pb, c, t), &Device::Cpu)?;
-            let logits = net.forward_t(&x, true)?;
-            let yt = Tensor::from_vec(yb, m, &Device::Cpu)?;
-            let mut loss = kd::cross_entropy(&logits.narrow(0, 0, m)?, &yt)?;
-            if pb > 0 {
-                let tt = Tensor::from_vec(tb, (pb, k), &Device::Cpu)?;
-                let kl = kd::soft_kl_rows(&logits.narrow(0, m, pb)?, &tt, cfg.temperature)?
-                    .mean_all()?;
-                loss = (loss + (kl * cfg.probe_weight)?)?;
-            }
-            let value = loss.to_scalar::<f32>()?;
-            if !value.is_finite() {
-                return Err(AdaptError::Diverged(value));
-            }
-            let grads = loss.backward()?;
+            let grads = match dp_noise.as_mut() {
+                Some(noise) => {
+                    let (user, probe_part) = xb.split_at(m * per);
+                    let mut grads = dp_user_gradients(&net, &all_vars, user, &yb, &cfg.dp, noise)?;
+                    if pb > 0 {
+                        // The manufacturer's windows: an ordinary gradient, no privacy cost.
+                        let x = Tensor::from_slice(probe_part, (pb, c, t), &Device::Cpu)?;
+                        let tt = Tensor::from_vec(tb, (pb, k), &Device::Cpu)?;
+                        let kl =
+                            kd::soft_kl_rows(&net.forward_t(&x, false)?, &tt, cfg.temperature)?
+                                .mean_all()?;
+                        let probe_grads = (kl * cfg.probe_weight)?.backward()?;
+                        for v in &all_vars {
+                            if let (Some(g), Some(p)) = (grads.remove(v), probe_grads.get(v)) {
+                                grads.insert(v, (g + p)?);
+                            }
+                        }
+                    }
+                    grads
+                }
+                None => {
+                    let x = Tensor::from_vec(xb, (m + pb, c, t), &Device::Cpu)?;
+                    let logits = net.forward_t(&x, true)?;
+                    let yt = Tensor::from_vec(yb, m, &Device::Cpu)?;
+                    let mut loss = kd::cross_entropy(&logits.narrow(0, 0, m)?, &yt)?;
+                    if pb > 0 {
+                        let tt = Tensor::from_vec(tb, (pb, k), &Device::Cpu)?;
+                        let kl = kd::soft_kl_rows(&logits.narrow(0, m, pb)?, &tt, cfg.temperature)?
+                            .mean_all()?;
+                        loss = (loss + (kl * cfg.probe_weight)?)?;
+                    }
+                    let value = loss.to_scalar::<f32>()?;
+                    if !value.is_finite() {
+                        return Err(AdaptError::Diverged(value));
+                    }
+                    loss.backward()?
+                }
+            };
             opt_decay.step(&grads)?;
             opt_plain.step(&grads)?;
             step += 1;
         }
     }
+    let dp_rho = match dp_noise.as_mut() {
+        Some(noise) => {
+            for h in &mut histogram {
+                let noisy = f64::from(*h) + cfg.dp.histogram_noise * gaussian(noise);
+                *h = noisy.round().clamp(0.0, f64::from(u32::MAX)) as u32;
+            }
+            Some(cfg.dp.rho(cfg.epochs))
+        }
+        None => None,
+    };
 
     let after_logits = predict(&net, &probe_x, 256)?;
     let probe_accuracy_after = accuracy(&after_logits, k, &probe.y);
@@ -392,6 +498,7 @@ pub fn adapt(
         new_classes: k - kb,
         classes,
         histogram,
+        dp_rho,
         probe_accuracy_before,
         probe_accuracy_after,
         exclusive_accuracy,

@@ -16,6 +16,7 @@ pub mod knowledge;
 pub mod metrics;
 pub mod model;
 pub mod onnx;
+pub mod privacy;
 pub mod probe;
 pub mod split;
 pub mod train;

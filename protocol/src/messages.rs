@@ -66,6 +66,10 @@ pub struct StatusMsg {
     /// Progress of the latest model installation, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub install: Option<InstallStatus>,
+    /// The active model was adapted on the gateway (`[learning] serve_adapted`) and is not the
+    /// installed signed model of `model_version`. Absent when false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub model_adapted_locally: bool,
 }
 
 /// Progress of a model installation (placeholder; the states are not fixed yet).
@@ -319,10 +323,12 @@ mod tests {
             version: "0.1.0".into(),
             started_at: 5,
             install: None,
+            model_adapted_locally: false,
         };
         let v = serde_json::to_value(&s).unwrap();
         assert_eq!(v["state"], "offline");
         assert!(v.get("install").is_none());
+        assert!(v.get("model_adapted_locally").is_none());
         assert_eq!(serde_json::from_value::<StatusMsg>(v).unwrap(), s);
     }
 
@@ -419,5 +425,107 @@ mod tests {
         assert_eq!(err.kind(), "malformed_command");
         assert!(err.to_string().contains("format_disk"), "{err}");
         assert!(CommandMsg::parse(br#"{"no": "cmd"}"#).is_err());
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod proptests {
+    //! Label and command parsing of arbitrary JSON: never a panic, always a typed error or a
+    //! message that survives a JSON round trip; a range label parses exactly when it is ordered.
+
+    use super::*;
+    use proptest::prelude::*;
+    use serde_json::Value;
+
+    /// JSON values whose objects mostly use the keys labels and commands know.
+    fn json() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(Value::from),
+            any::<u64>().prop_map(Value::from),
+            (-1e6f64..1e6).prop_map(Value::from),
+            prop_oneof![Just("adapt"), Just("rollback"), Just("walk"), Just("")]
+                .prop_map(Value::from),
+            ".{0,8}".prop_map(Value::from),
+        ];
+        let key = prop_oneof![
+            Just("from_ts".to_owned()),
+            Just("to_ts".to_owned()),
+            Just("window_id".to_owned()),
+            Just("class".to_owned()),
+            Just("cmd".to_owned()),
+            Just("to_version".to_owned()),
+            "[a-z_]{0,6}",
+        ];
+        leaf.prop_recursive(3, 24, 6, move |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                proptest::collection::btree_map(key.clone(), inner, 0..6)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn any_json_label_parses_to_a_checked_label_or_a_typed_error(v in json()) {
+            match LabelMsg::parse(&serde_json::to_vec(&v).unwrap()) {
+                Ok(label) => {
+                    if let LabelMsg::Range { from_ts, to_ts, .. } = &label {
+                        prop_assert!(from_ts <= to_ts);
+                    }
+                    let text = serde_json::to_vec(&label).unwrap();
+                    prop_assert_eq!(LabelMsg::parse(&text), Ok(label));
+                }
+                Err(e) => prop_assert!(matches!(e.kind(), "malformed_label" | "empty_range")),
+            }
+        }
+
+        #[test]
+        fn any_json_command_parses_to_a_command_or_a_typed_error(v in json()) {
+            match CommandMsg::parse(&serde_json::to_vec(&v).unwrap()) {
+                Ok(cmd) => {
+                    let text = serde_json::to_vec(&cmd).unwrap();
+                    prop_assert_eq!(CommandMsg::parse(&text), Ok(cmd));
+                }
+                Err(e) => prop_assert_eq!(e.kind(), "malformed_command"),
+            }
+        }
+
+        #[test]
+        fn any_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..128)) {
+            let _ = LabelMsg::parse(&bytes);
+            let _ = CommandMsg::parse(&bytes);
+        }
+
+        #[test]
+        fn a_range_label_parses_exactly_when_ordered(
+            from_ts in any::<i64>(),
+            to_ts in any::<i64>(),
+            class in ".{0,12}",
+        ) {
+            let text = serde_json::to_vec(&LabelMsg::Range { from_ts, to_ts, class: class.clone() })
+                .unwrap();
+            let got = LabelMsg::parse(&text);
+            if from_ts <= to_ts {
+                prop_assert_eq!(got, Ok(LabelMsg::Range { from_ts, to_ts, class }));
+            } else {
+                prop_assert_eq!(got, Err(MessageError::EmptyRange { from_ts, to_ts }));
+            }
+        }
+
+        #[test]
+        fn window_labels_and_rollbacks_round_trip(
+            window_id in ".{0,12}",
+            class in ".{0,12}",
+            to_version in proptest::option::of(any::<u64>()),
+        ) {
+            let label = LabelMsg::Window { window_id, class };
+            prop_assert_eq!(LabelMsg::parse(&serde_json::to_vec(&label).unwrap()), Ok(label));
+            let cmd = CommandMsg::Rollback { to_version };
+            prop_assert_eq!(CommandMsg::parse(&serde_json::to_vec(&cmd).unwrap()), Ok(cmd));
+        }
     }
 }

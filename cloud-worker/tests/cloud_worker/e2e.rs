@@ -69,6 +69,7 @@ providers = ["cpu"]
 interval_s = 0.5
 [learning]
 state_dir = "{}"
+serve_adapted = true
 "#,
         model.display(),
         shipped_key.trim(),
@@ -131,6 +132,23 @@ state_dir = "{}"
     );
     assert_eq!(updates.len(), 1);
     assert!(updates[0].gate.passed);
+    // `serve_adapted`: the adapted model served until the cloud's update replaced it.
+    let adaptation = report
+        .gateway_messages
+        .iter()
+        .find(|(t, _)| t.ends_with("/adaptation"))
+        .map(|(_, p)| serde_json::from_slice::<serde_json::Value>(p).unwrap())
+        .expect("an adaptation report");
+    assert_eq!(
+        adaptation["report"]["serving_adapted"], true,
+        "{adaptation}"
+    );
+    assert!(report
+        .gateway_messages
+        .iter()
+        .any(|(t, p)| t.ends_with("/status")
+            && serde_json::from_slice::<serde_json::Value>(p)
+                .is_ok_and(|v| v["model_adapted_locally"] == true)));
     assert!(report.knowledge_bytes > 0 && report.knowledge_bytes <= 64 * 1024);
 
     // No message the gateway published holds four consecutive values of an exclusive window,

@@ -76,3 +76,70 @@ async fn knowledge_is_resent_across_gateway_and_broker_restarts_until_acknowledg
         Pushed::Duplicate
     );
 }
+
+/// With an `[uplink]`, the knowledge goes to the cloud's broker and its receipt comes from
+/// there; the local broker carries neither.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_an_uplink_knowledge_and_receipts_travel_on_the_cloud_broker() {
+    let spec = Spec::small();
+    let state = state_dir();
+    let knowledge = format!("diredi/v1/{GW}/knowledge");
+    {
+        let o = Outbox::open(&state.join("outbox.redb"), 4).unwrap();
+        assert_eq!(
+            o.push("pkg-up", &knowledge, b"\x01uplinked\xfe").unwrap(),
+            Pushed::Queued
+        );
+    }
+    let (local_port, cloud_port) = (free_port(), free_port());
+    let _cloud = Mosquitto::start_on(cloud_port);
+    let mut table = config_table(local_port, true, None);
+    set(
+        &mut table,
+        "learning",
+        "state_dir",
+        state.display().to_string(),
+    );
+    set(&mut table, "learning", "knowledge_retry_s", 0.3);
+    set(&mut table, "uplink", "enabled", true);
+    set(&mut table, "uplink", "host", "127.0.0.1");
+    set(&mut table, "uplink", "port", i64::from(cloud_port));
+    let gw = Running::start(compile(&table), Some(fake_model(&spec)));
+    gw.ready().await;
+    let mut local = Observer::connect(local_port, &format!("diredi/v1/{GW}/#")).await;
+    let mut cloud = Observer::connect(cloud_port, &format!("diredi/v1/{GW}/#")).await;
+    let m = cloud.next_on("/knowledge", WAIT).await;
+    assert_eq!(
+        m.map(|m| m.payload),
+        Some(b"\x01uplinked\xfe".to_vec()),
+        "the package reaches the cloud broker"
+    );
+    // A receipt on the local broker is not the cloud's: it changes nothing.
+    local
+        .publish(
+            &format!("diredi/v1/{GW}/knowledge/ack"),
+            br#"{"package_id":"pkg-up","accepted":true}"#.to_vec(),
+        )
+        .await;
+    assert!(
+        cloud.next_on("/knowledge", WAIT).await.is_some(),
+        "still resent after a local receipt"
+    );
+    cloud
+        .publish(
+            &format!("diredi/v1/{GW}/knowledge/ack"),
+            br#"{"package_id":"pkg-up","accepted":true}"#.to_vec(),
+        )
+        .await;
+    local
+        .next_json("/metrics", WAIT, |v| {
+            v["knowledge_acked"] == 1 && v["outbox_pending"] == 0
+        })
+        .await
+        .expect("the cloud's receipt acknowledged it");
+    let on_local: Vec<_> = local
+        .collect("/knowledge", 1, Duration::from_millis(800))
+        .await;
+    assert!(on_local.is_empty(), "no knowledge on the local broker");
+    gw.stop().await.unwrap();
+}

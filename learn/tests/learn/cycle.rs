@@ -117,6 +117,62 @@ fn guard_refuses_an_aggressive_adaptation_with_no_margin() {
     assert!(adapt_user(fx, "10", &AdaptConfig::default()).is_ok());
 }
 
+/// DP adaptation: it reports the ρ it spent, and its noise does not come from the configured seed (two
+/// runs with the same seed differ).
+#[test]
+fn dp_adaptation_accounts_freezes_batch_norm_and_draws_fresh_noise() {
+    let Some(fx) = fixture() else {
+        return;
+    };
+    let mut cfg = AdaptConfig {
+        epochs: 2,
+        ..AdaptConfig::default()
+    };
+    cfg.dp.enabled = true;
+    let a = adapt_user(fx, "2", &cfg).unwrap();
+    let b = adapt_user(fx, "2", &cfg).unwrap();
+    assert_eq!(a.dp_rho, Some(cfg.dp.rho(2)));
+    let (va, vb, vbase) = (
+        a.net.snapshot().unwrap(),
+        b.net.snapshot().unwrap(),
+        fx.installed.snapshot().unwrap(),
+    );
+    let values = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let mut running = 0;
+    let mut differ = false;
+    for ((name, ta), ((_, tb), (_, t0))) in va.iter().zip(vb.iter().zip(&vbase)) {
+        if name.contains("running") {
+            running += 1;
+            assert_eq!(values(ta), values(t0), "{name} changed under DP");
+        } else if values(ta) != values(tb) {
+            differ = true;
+        }
+    }
+    // The student rebuilt from ONNX has its batch norm folded into the convolutions: no
+    // running statistics to leak. Any model that has them must keep them as they were.
+    assert_eq!(
+        running, 0,
+        "the imported student has no batch-norm statistics"
+    );
+    assert!(differ, "two DP runs with one seed gave the same weights");
+    // Without DP the same seed gives the same weights.
+    cfg.dp.enabled = false;
+    let (c, d) = (
+        adapt_user(fx, "2", &cfg).unwrap(),
+        adapt_user(fx, "2", &cfg).unwrap(),
+    );
+    assert!(c.dp_rho.is_none());
+    for ((_, tc), (_, td)) in c
+        .net
+        .snapshot()
+        .unwrap()
+        .iter()
+        .zip(&d.net.snapshot().unwrap())
+    {
+        assert_eq!(values(tc), values(td));
+    }
+}
+
 /// 8-byte patterns of consecutive values (2 × f32, 4 × f16), along time and across channels.
 fn patterns(values: &[f32], channels: usize, len: usize, out: &mut HashSet<[u8; 8]>) {
     let mut add_run = |run: &[f32]| {
