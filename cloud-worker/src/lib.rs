@@ -18,6 +18,7 @@ pub mod cycle_demo;
 pub mod demo;
 pub mod keys;
 pub mod onnx_eval;
+pub mod perf;
 pub mod pipeline;
 pub mod serve;
 pub mod simulate;

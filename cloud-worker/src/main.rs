@@ -167,6 +167,10 @@ enum Command {
     },
     /// End-to-end gateway benchmark: READY time, windows/s through the embedded broker, RSS.
     BenchGateway(bench_gateway::BenchGatewayArgs),
+    /// Gateway performance side by side: inference and broker limits, the Rust gateway on
+    /// rumqttd and Mosquitto, the Python gateway (`perf run`); see BENCHMARKS.md.
+    #[command(subcommand)]
+    Perf(diredi_cloud_worker::perf::PerfCmd),
     /// Replay a dataset's recordings over MQTT as sensors.
     Simulate(simulate::SimulateArgs),
     /// The whole DiReDi cycle against a running gateway and cloud worker: a user's accuracy
@@ -350,6 +354,7 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Command::Perf(cmd) => with_runtime(|token| diredi_cloud_worker::perf::run(cmd, token)),
         Command::Demo(args) => with_runtime(|token| demo::run(args, token)).map(|_| ()),
         Command::Cycle { args, json } => {
             let r = with_runtime(|token| async move {

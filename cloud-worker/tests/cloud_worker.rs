@@ -9,6 +9,8 @@
 
 #[path = "cloud_worker/e2e.rs"]
 mod e2e;
+#[path = "cloud_worker/perf.rs"]
+mod perf;
 
 use std::path::{Path, PathBuf};
 

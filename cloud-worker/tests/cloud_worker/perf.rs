@@ -1,0 +1,139 @@
+//! `perf run` on a tiny load: the harness starts its brokers, gateway and load generator, and
+//! writes well-formed JSON, Markdown and a plot. Figures are not checked, only that they are
+//! sane and that at a low rate every window comes back (in == out). The Python gateway is not
+//! part of this test (it needs the venv of scripts/bench-gateway.sh); the run must say it
+//! skipped it.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use crate::{available, repo_root};
+
+fn mosquitto() -> Option<PathBuf> {
+    std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .unwrap_or_default()
+        .into_iter()
+        .chain([PathBuf::from("/usr/sbin")])
+        .map(|d| d.join("mosquitto"))
+        .find(|p| p.is_file())
+}
+
+#[test]
+fn perf_run_on_a_small_load_writes_well_formed_results_and_loses_no_window() {
+    let root = repo_root();
+    let bin = PathBuf::from(env!("CARGO_BIN_EXE_diredi-cloud-worker"));
+    let gateway = bin.with_file_name("diredi-gateway");
+    let ort = diredi_infer::init_runtime(None).is_ok();
+    let mosq = mosquitto();
+    if !available("ONNX Runtime", ort)
+        || !available("data/hapt", root.join("data/hapt/dataset.json").is_file())
+        || !available("mosquitto", mosq.is_some())
+        || !available(
+            "the diredi-gateway binary (cargo build --workspace)",
+            gateway.is_file(),
+        )
+    {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (json, md, svg) = (
+        dir.path().join("perf.json"),
+        dir.path().join("perf.md"),
+        dir.path().join("perf.svg"),
+    );
+    let out = Command::new(&bin)
+        .current_dir(&root)
+        .args([
+            "perf",
+            "run",
+            "--sensors",
+            "2",
+            "--max-seconds",
+            "0",
+            "--rate",
+            "100",
+            "--seconds",
+            "2",
+            "--limit-seconds",
+            "0.2",
+            "--targets",
+            "rust-embedded,rust-mosquitto",
+        ])
+        .arg("--gateway-bin")
+        .arg(&gateway)
+        .arg("--mosquitto")
+        .arg(mosq.unwrap())
+        .arg("--json")
+        .arg(&json)
+        .arg("--report")
+        .arg(&md)
+        .arg("--plot")
+        .arg(&svg)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "perf run failed:\n{stdout}\n{stderr}");
+
+    let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    assert_eq!(doc["benchmark"], "perf");
+    assert!(doc["machine"]["cores"].as_u64().unwrap() >= 1);
+    let r = &doc["result"];
+    assert!(r["inference_limit"]["windows_per_second"].as_f64().unwrap() > 0.0);
+    assert!(
+        r["broker_limit"].is_null(),
+        "--max-seconds 0 skips the broker limit"
+    );
+    assert!(r["skipped"]["python-mosquitto"].is_string());
+    let targets = r["targets"].as_array().unwrap();
+    assert_eq!(targets.len(), 2);
+    for t in targets {
+        let name = t["target"].as_str().unwrap();
+        let ready = t["ready_ms"].as_f64().unwrap();
+        assert!(ready > 0.0 && ready < 60_000.0, "{name}: READY {ready} ms");
+        let rss = t["rss_peak_mib"].as_f64().unwrap();
+        assert!(rss > 1.0 && rss < 4096.0, "{name}: RSS {rss} MiB");
+        assert!(t["max"].is_null());
+        let load = &t["load"];
+        let (win, wout) = (
+            load["windows_in"].as_u64().unwrap(),
+            load["windows_out"].as_u64().unwrap(),
+        );
+        assert!(win > 50, "{name}: only {win} windows offered");
+        assert_eq!(win, wout, "{name}: windows lost at 100 windows/s");
+        assert_eq!(load["windows_lost"], 0);
+        assert_eq!(load["results_well_formed"], true);
+        let lat = &load["latency_ms"];
+        for k in ["p50", "p99", "p999", "max"] {
+            let v = lat[k].as_f64().unwrap();
+            assert!(v > 0.0 && v < 5_000.0, "{name}: latency {k} {v} ms");
+        }
+        assert_eq!(
+            lat["n"].as_u64().unwrap(),
+            wout,
+            "{name}: every result joined"
+        );
+        assert!(load["gateway_cpu_s"].as_f64().unwrap() > 0.0);
+        let wps = load["windows_per_second"].as_f64().unwrap();
+        assert!(
+            wps > 50.0 && wps < 200.0,
+            "{name}: {wps} windows/s at 100 offered"
+        );
+    }
+    assert!(
+        r["ratios"]["rust_embedded_over_inference_limit"]
+            .as_f64()
+            .unwrap()
+            > 0.0
+    );
+
+    let md = std::fs::read_to_string(&md).unwrap();
+    assert!(md.contains("| rust-embedded |") && md.contains("| rust-mosquitto |"));
+    assert!(md.contains("Skipped python-mosquitto"));
+    assert!(
+        stderr.contains("SKIPPING python-mosquitto") || stdout.contains("Skipped python-mosquitto")
+    );
+    let svg = std::fs::read_to_string(&svg).unwrap();
+    assert!(svg.starts_with("<svg") && svg.contains("rust-embedded"));
+}
