@@ -85,7 +85,9 @@ pub struct UpdateConfig {
     pub upload_repeat: usize,
     /// Gate: largest allowed drop of presumed-validation accuracy (fraction).
     pub gate_margin: f64,
-    /// Gate: smallest agreement with the adapted student where it differs from the installed.
+    /// Gate: smallest agreement with the adapted student where it differs from the installed
+    /// (0.5: the new student follows the user's adapted model on a majority of the windows
+    /// where it changed its mind).
     pub gate_agreement: f64,
     /// Seed of sampling and training.
     pub seed: u64,
@@ -111,7 +113,7 @@ impl Default for UpdateConfig {
             upload_student_lr: 1e-3,
             upload_repeat: 25,
             gate_margin: 0.025,
-            gate_agreement: 0.6,
+            gate_agreement: 0.5,
             seed: 23,
         }
     }
