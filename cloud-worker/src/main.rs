@@ -7,6 +7,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use diredi_cloud_worker::onnx_eval::{evaluate_packaged, PackagedModel};
+use diredi_cloud_worker::perf::report::machine;
 use diredi_cloud_worker::pipeline::{self, ExportSpec, Part};
 use diredi_cloud_worker::{bench, bench_gateway, demo, keys, simulate};
 use diredi_learn::metrics::Evaluation;
@@ -424,24 +425,6 @@ fn save_and_report(
         path.display()
     );
     Ok(())
-}
-
-/// The machine a benchmark ran on, for its JSON.
-fn machine() -> serde_json::Value {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|m| m.trim().to_owned())
-        })
-        .unwrap_or_else(|| "unknown".into());
-    json!({
-        "arch": std::env::consts::ARCH,
-        "cpu": cpu,
-        "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
-    })
 }
 
 fn fetch_dataset(out: &Path) -> Result<()> {

@@ -110,6 +110,29 @@ impl ModelSpec {
     }
 }
 
+/// The classifier takes `input`'s channels and window and gives `outputs` values.
+fn check_interface(
+    input: &InputSpec,
+    outputs: usize,
+    classifier: &dyn Classifier,
+) -> Result<(), ModelError> {
+    let checks = [
+        ("channels", input.channels.len(), classifier.channels()),
+        ("window", input.window, classifier.window()),
+        ("outputs", outputs, classifier.num_outputs()),
+    ];
+    for (what, expected, found) in checks {
+        if expected != found {
+            return Err(ModelError::Interface {
+                what,
+                expected,
+                found,
+            });
+        }
+    }
+    Ok(())
+}
+
 static GENERATION: AtomicU64 = AtomicU64::new(1);
 
 /// What adaptation needs of the installed model besides its classifier: the verified
@@ -157,20 +180,7 @@ impl LoadedModel {
                 m.input.layout
             )));
         }
-        let checks = [
-            ("channels", m.input.channels.len(), classifier.channels()),
-            ("window", m.input.window, classifier.window()),
-            ("outputs", m.classes.len(), classifier.num_outputs()),
-        ];
-        for (what, expected, found) in checks {
-            if expected != found {
-                return Err(ModelError::Interface {
-                    what,
-                    expected,
-                    found,
-                });
-            }
-        }
+        check_interface(&m.input, m.classes.len(), classifier.as_ref())?;
         let spec = ModelSpec {
             model_id: m.model_id.clone(),
             version: m.version,
@@ -197,20 +207,7 @@ impl LoadedModel {
         classifier: Box<dyn Classifier>,
     ) -> Result<Self, ModelError> {
         let base = &installed.spec;
-        let checks = [
-            ("channels", base.input.channels.len(), classifier.channels()),
-            ("window", base.input.window, classifier.window()),
-            ("outputs", classes.len(), classifier.num_outputs()),
-        ];
-        for (what, expected, found) in checks {
-            if expected != found {
-                return Err(ModelError::Interface {
-                    what,
-                    expected,
-                    found,
-                });
-            }
-        }
+        check_interface(&base.input, classes.len(), classifier.as_ref())?;
         Ok(LoadedModel {
             generation: GENERATION.fetch_add(1, Ordering::Relaxed),
             spec: ModelSpec {
