@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use diredi_protocol::messages::{GatewayState, MetricsMsg, StatusMsg};
 use diredi_protocol::Topics;
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use rumqttc::{Event, MqttOptions, Packet, QoS};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
@@ -186,7 +186,7 @@ pub async fn run(args: &BenchGatewayArgs, shutdown: CancellationToken) -> Result
     let topics = Topics::new(GATEWAY_ID)?;
     let mut options = MqttOptions::new("diredi-bench-monitor", "127.0.0.1", port);
     options.set_keep_alive(Duration::from_secs(30));
-    let (client, mut events) = AsyncClient::new(options, 64);
+    let (client, mut events) = diredi_mqtt::client(options, 64);
     client.subscribe(topics.status(), QoS::AtLeastOnce).await?;
     client.subscribe(topics.metrics(), QoS::AtMostOnce).await?;
 

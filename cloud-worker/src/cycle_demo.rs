@@ -273,7 +273,7 @@ pub async fn run(args: &CycleArgs, shutdown: CancellationToken) -> Result<CycleR
         .set_max_packet_size(16 << 20, 16 << 20);
     // Room for every window and label of a user: publishing never waits for the event loop,
     // which `Link::next` drives (dropping a half-polled `poll()` could lose a packet).
-    let (client, events) = AsyncClient::new(options, 65_536);
+    let (client, events) = diredi_mqtt::client(options, 65_536);
     // Every topic the gateway publishes on (not the sensor and label topics this side
     // writes: echoing them back would only load the broker).
     for t in [
@@ -396,6 +396,8 @@ pub async fn run(args: &CycleArgs, shutdown: CancellationToken) -> Result<CycleR
     let _ = link.next(Instant::now() + Duration::from_millis(500)).await;
     let _ = link.client.disconnect().await;
 
+    // The package itself when it travelled on this broker, else (an uplink) its size as the
+    // gateway reported it.
     let knowledge_topic = topics.knowledge();
     let knowledge_bytes = link
         .captured
@@ -403,6 +405,11 @@ pub async fn run(args: &CycleArgs, shutdown: CancellationToken) -> Result<CycleR
         .filter(|(t, _)| *t == knowledge_topic)
         .map(|(_, p)| p.len())
         .max()
+        .or_else(|| {
+            adaptation["report"]["knowledge_bytes"]
+                .as_u64()
+                .and_then(|b| usize::try_from(b).ok())
+        })
         .unwrap_or(0);
     let (c, t) = (user.exclusive.channels, user.exclusive.len);
     let exclusive: Vec<(Vec<f32>, Vec<f32>)> = user

@@ -16,7 +16,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use diredi_protocol::messages::{GatewayState, InferenceMsg, LabelMsg, StatusMsg};
 use diredi_protocol::Topics;
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use rumqttc::{Event, MqttOptions, Packet, QoS};
 use tokio_util::sync::CancellationToken;
 
 use crate::simulate::{self, PayloadFormat, SimulateArgs, Speed};
@@ -96,7 +96,7 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> Result<DemoSumm
     );
     options.set_keep_alive(Duration::from_secs(30));
     options.set_max_packet_size(1 << 20, 1 << 20);
-    let (client, mut events) = AsyncClient::new(options, 64);
+    let (client, mut events) = diredi_mqtt::client(options, 64);
     for filter in [
         topics.status(),
         format!("{}inference/+", topics.prefix()),

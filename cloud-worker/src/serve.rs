@@ -71,6 +71,21 @@ pub struct ServeArgs {
     /// Stop after this many packages (tests, demos); default: serve until stopped.
     #[arg(long)]
     pub max_packages: Option<usize>,
+    /// Seconds a gateway holds a package back once this worker has taken it (the lease in the
+    /// first receipt); longer than an update takes, short enough that a package whose worker
+    /// died is soon taken by another.
+    #[arg(long, default_value_t = 600)]
+    pub lease_s: u64,
+    /// TLS: PEM file of the CA the broker's certificate must chain to (default: plain TCP).
+    #[arg(long)]
+    pub ca_file: Option<PathBuf>,
+    /// Mutual TLS: this worker's certificate (PEM; its CN is the broker user name, for
+    /// example diredi-cloud-worker in broker-config/mosquitto/acl). Needs --key-file.
+    #[arg(long, requires = "key_file", requires = "ca_file")]
+    pub cert_file: Option<PathBuf>,
+    /// Mutual TLS: the private key of --cert-file (PEM).
+    #[arg(long, requires = "cert_file")]
+    pub key_file: Option<PathBuf>,
 }
 
 /// What the worker did with one package; published on `diredi/v1/{gw}/update`.
@@ -316,7 +331,14 @@ pub async fn run(args: ServeArgs, shutdown: CancellationToken) -> Result<Vec<Upd
         .set_keep_alive(Duration::from_secs(30))
         .set_clean_session(true)
         .set_max_packet_size(16 << 20, 16 << 20);
-    let (client, mut events) = AsyncClient::new(options, 1024);
+    diredi_mqtt::Tls {
+        ca_file: args.ca_file.clone(),
+        cert_file: args.cert_file.clone(),
+        key_file: args.key_file.clone(),
+    }
+    .apply(&mut options)
+    .context("TLS")?;
+    let (client, mut events) = diredi_mqtt::client(options, 1024);
     let mut reports = Vec::new();
     let mut queue: std::collections::VecDeque<(String, Vec<u8>)> = Default::default();
     loop {
@@ -351,10 +373,12 @@ pub async fn run(args: ServeArgs, shutdown: CancellationToken) -> Result<Vec<Upd
                     continue;
                 }
             };
+            let k_id = k.package_id.clone();
             let ack = |accepted: bool, detail: Option<String>| KnowledgeAckMsg {
-                package_id: k.package_id.clone(),
+                package_id: k_id.clone(),
                 accepted,
                 detail,
+                lease_s: None,
             };
             if let Some(outcome) = worker.processed.get(&k.package_id) {
                 let body =
@@ -372,9 +396,19 @@ pub async fn run(args: ServeArgs, shutdown: CancellationToken) -> Result<Vec<Upd
                 worker.remember(&k.package_id, &format!("refused: {detail}"));
                 continue;
             }
-            let body = serde_json::to_vec(&ack(true, Some("updating".into())))?;
+            // A lease, not the receipt: if this worker dies before the final receipt, the
+            // gateway sends the package again when the lease ends and another worker takes it.
+            let lease = KnowledgeAckMsg {
+                lease_s: Some(args.lease_s),
+                ..ack(true, Some("updating".into()))
+            };
             client
-                .publish(topics.knowledge_ack(), QoS::AtLeastOnce, false, body)
+                .publish(
+                    topics.knowledge_ack(),
+                    QoS::AtLeastOnce,
+                    false,
+                    serde_json::to_vec(&lease)?,
+                )
                 .await?;
             tracing::info!(gateway = %gw, package_id = %k.package_id, bytes = payload.len(), "Knowledge received; updating the teacher and re-distilling.");
             let bytes = payload.len();
@@ -385,6 +419,12 @@ pub async fn run(args: ServeArgs, shutdown: CancellationToken) -> Result<Vec<Upd
                 Ok(r) => r,
                 Err(e) => {
                     tracing::warn!(gateway = %gw, error = %e, "Update failed.");
+                    let body =
+                        serde_json::to_vec(&ack(false, Some(format!("update failed: {e}"))))?;
+                    client
+                        .publish(topics.knowledge_ack(), QoS::AtLeastOnce, false, body)
+                        .await?;
+                    worker.remember(&k_id, &format!("failed: {e}"));
                     continue;
                 }
             };
@@ -399,6 +439,15 @@ pub async fn run(args: ServeArgs, shutdown: CancellationToken) -> Result<Vec<Upd
                 None => "gate refused".to_owned(),
             };
             worker.remember(&report.package_id, &outcome);
+            let body = serde_json::to_vec(&KnowledgeAckMsg {
+                package_id: report.package_id.clone(),
+                accepted: true,
+                detail: Some(outcome.clone()),
+                lease_s: None,
+            })?;
+            client
+                .publish(topics.knowledge_ack(), QoS::AtLeastOnce, false, body)
+                .await?;
             client
                 .publish(
                     format!("{}update", topics.prefix()),

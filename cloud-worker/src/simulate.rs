@@ -204,7 +204,7 @@ pub async fn run(args: SimulateArgs, shutdown: CancellationToken) -> anyhow::Res
         .set_keep_alive(Duration::from_secs(30))
         .set_clean_session(true)
         .set_max_packet_size(64 * 1024, MQTT_MAX_PACKET);
-    let (client, eventloop) = AsyncClient::new(options, REQUEST_QUEUE);
+    let (client, eventloop) = diredi_mqtt::client(options, REQUEST_QUEUE);
     let (progress_tx, mut progress_rx) = watch::channel(LinkProgress::default());
     let lost = CancellationToken::new();
     let mut driver = tokio::spawn(drive(eventloop, progress_tx, lost.clone()));

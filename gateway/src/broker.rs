@@ -77,6 +77,23 @@ pub fn load_config(cfg: &BrokerConfig) -> Result<rumqttd::Config, BrokerError> {
     })?;
     for server in v4.values_mut() {
         server.listen = cfg.listen;
+        // rumqttd would only log a TLS listener whose files are missing; refuse it here.
+        if let Some(tls) = &server.tls {
+            let ok = matches!(
+                tls,
+                rumqttd::TlsConfig::Rustls {
+                    capath: Some(_),
+                    ..
+                }
+            ) && tls.validate_paths();
+            if !ok {
+                return Err(parse_err(
+                    "the listener's tls needs capath, certpath and keypath of existing PEM files \
+                     (mutual TLS: clients must present a certificate signed by capath)"
+                        .into(),
+                ));
+            }
+        }
     }
     if config.console.is_some() || config.prometheus.is_some() {
         tracing::warn!(

@@ -131,6 +131,12 @@ pub struct RawMqtt {
     pub reconnect_min_ms: u64,
     /// Longest reconnection delay in milliseconds.
     pub reconnect_max_ms: u64,
+    /// TLS: PEM file of the CA the broker's certificate must chain to; empty = plain TCP.
+    pub ca_file: String,
+    /// Mutual TLS: this gateway's certificate chain (PEM), with `key_file`; empty = none.
+    pub cert_file: String,
+    /// Mutual TLS: the private key of `cert_file` (PEM).
+    pub key_file: String,
 }
 
 impl Default for RawMqtt {
@@ -146,7 +152,10 @@ impl Default for RawMqtt {
             max_packet_bytes: 1024 * 1024,
             request_capacity: 4096,
             reconnect_min_ms: 250,
-            reconnect_max_ms: 30_000,
+            reconnect_max_ms: 4_000,
+            ca_file: String::new(),
+            cert_file: String::new(),
+            key_file: String::new(),
         }
     }
 }
@@ -170,6 +179,12 @@ pub struct RawUplink {
     pub password: String,
     /// Keep-alive interval in seconds (at least 5).
     pub keep_alive_s: u64,
+    /// TLS: PEM file of the CA the broker's certificate must chain to; empty = plain TCP.
+    pub ca_file: String,
+    /// Mutual TLS: this gateway's certificate chain (PEM), with `key_file`; empty = none.
+    pub cert_file: String,
+    /// Mutual TLS: the private key of `cert_file` (PEM).
+    pub key_file: String,
 }
 
 impl Default for RawUplink {
@@ -182,6 +197,9 @@ impl Default for RawUplink {
             username: String::new(),
             password: String::new(),
             keep_alive_s: 60,
+            ca_file: String::new(),
+            cert_file: String::new(),
+            key_file: String::new(),
         }
     }
 }
@@ -592,6 +610,8 @@ pub struct MqttConfig {
     pub reconnect_min: Duration,
     /// Longest reconnection delay.
     pub reconnect_max: Duration,
+    /// TLS (off unless a CA file is set), with the client identity for mutual TLS.
+    pub tls: diredi_mqtt::Tls,
 }
 
 /// Model location and trust.
@@ -904,7 +924,7 @@ pub fn compile(raw: &RawConfig, base: &Path, source: Option<&Path>) -> Result<Co
     }
 
     // [mqtt]
-    let mqtt = mqtt_section(&mut c, "mqtt", &raw.mqtt, &gateway_id);
+    let mqtt = mqtt_section(&mut c, "mqtt", &raw.mqtt, &gateway_id, base);
     if raw.mqtt.qos > 1 {
         c.problem("mqtt.qos", format!("is {}; expected 0 or 1", raw.mqtt.qos));
     }
@@ -1004,9 +1024,12 @@ pub fn compile(raw: &RawConfig, base: &Path, source: Option<&Path>) -> Result<Co
             password: u.password.clone(),
             keep_alive_s: u.keep_alive_s,
             qos: 1,
+            ca_file: u.ca_file.clone(),
+            cert_file: u.cert_file.clone(),
+            key_file: u.key_file.clone(),
             ..raw.mqtt.clone()
         };
-        Some(mqtt_section(&mut c, "uplink", &as_mqtt, &gateway_id))
+        Some(mqtt_section(&mut c, "uplink", &as_mqtt, &gateway_id, base))
     } else {
         None
     };
@@ -1210,7 +1233,13 @@ pub fn compile(raw: &RawConfig, base: &Path, source: Option<&Path>) -> Result<Co
     }
 }
 
-fn mqtt_section(c: &mut Checker, section: &str, m: &RawMqtt, gateway_id: &str) -> MqttConfig {
+fn mqtt_section(
+    c: &mut Checker,
+    section: &str,
+    m: &RawMqtt,
+    gateway_id: &str,
+    base: &Path,
+) -> MqttConfig {
     if m.host.is_empty() && section == "mqtt" {
         c.problem(
             "mqtt.host",
@@ -1225,6 +1254,24 @@ fn mqtt_section(c: &mut Checker, section: &str, m: &RawMqtt, gateway_id: &str) -
         c.problem(
             &format!("{section}.username"),
             "is empty but a password is set; expected both or neither",
+        );
+    }
+    let file = |p: &str| (!p.is_empty()).then(|| resolve(base, p));
+    let tls = diredi_mqtt::Tls {
+        ca_file: file(&m.ca_file),
+        cert_file: file(&m.cert_file),
+        key_file: file(&m.key_file),
+    };
+    if tls.check().is_err() {
+        c.problem(
+            &format!("{section}.cert_file"),
+            "and key_file: only one is set; expected both (mutual TLS) or neither",
+        );
+    }
+    if !tls.enabled() && tls.cert_file.is_some() {
+        c.problem(
+            &format!("{section}.ca_file"),
+            "is empty but a client certificate is set; expected the broker's CA (TLS)",
         );
     }
     let client_id = if m.client_id.is_empty() {
@@ -1243,6 +1290,7 @@ fn mqtt_section(c: &mut Checker, section: &str, m: &RawMqtt, gateway_id: &str) -
         request_capacity: m.request_capacity.max(1),
         reconnect_min: Duration::from_millis(m.reconnect_min_ms.max(1)),
         reconnect_max: Duration::from_millis(m.reconnect_max_ms.max(m.reconnect_min_ms).max(1)),
+        tls,
     }
 }
 
@@ -1267,6 +1315,13 @@ pub fn preflight(cfg: &Config) -> Vec<Problem> {
             if let Err(e) = crate::model::read_verified(&cfg.model) {
                 c.problem("model.path", e.to_string());
             }
+        }
+    }
+    let links =
+        std::iter::once(("mqtt", &cfg.mqtt)).chain(cfg.uplink.iter().map(|u| ("uplink", u)));
+    for (section, m) in links {
+        if let Err(e) = m.tls.client_config() {
+            c.problem(&format!("{section}.ca_file"), e.to_string());
         }
     }
     if let Some(lib) = &cfg.runtime.library {

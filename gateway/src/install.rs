@@ -158,6 +158,17 @@ fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), InstallError> {
     f.sync_all().map_err(io(path))
 }
 
+/// Fault injection for the crash tests (`gateway/tests/gateway/process.rs`): when the
+/// environment variable `DIREDI_FAULT_INSTALL` names `step`, the process dies right here
+/// (abort: no destructor runs and nothing more is written, as under kill -9). Steps, in order:
+/// `staging`, `staged`, `renamed`, `previous-tmp`, `previous`, `current-tmp`, `current`.
+fn crash_point(step: &str) {
+    if std::env::var_os("DIREDI_FAULT_INSTALL").is_some_and(|s| s == step) {
+        eprintln!("DIREDI_FAULT_INSTALL: the process dies at install step {step}");
+        std::process::abort();
+    }
+}
+
 fn sync_dir(dir: &Path) -> Result<(), InstallError> {
     std::fs::File::open(dir)
         .and_then(|d| d.sync_all())
@@ -199,6 +210,7 @@ impl ModelStore {
     fn set_pointer(&self, name: &str, target: &str) -> Result<(), InstallError> {
         let tmp = self.dir.join(format!(".{name}.tmp"));
         write_synced(&tmp, target.as_bytes())?;
+        crash_point(&format!("{name}-tmp"));
         let path = self.dir.join(name);
         std::fs::rename(&tmp, &path).map_err(io(&path))?;
         sync_dir(&self.dir)
@@ -222,16 +234,19 @@ impl ModelStore {
         }
         std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
         write_synced(&tmp.join("manifest.json"), manifest_json)?;
+        crash_point("staging");
         for (file, bytes) in files {
             write_synced(&tmp.join(file), bytes)?;
         }
         sync_dir(&tmp)?;
+        crash_point("staged");
         let fin = self.dir.join(&name);
         if fin.exists() {
             std::fs::remove_dir_all(&fin).map_err(io(&fin))?;
         }
         std::fs::rename(&tmp, &fin).map_err(io(&fin))?;
         sync_dir(&self.dir)?;
+        crash_point("renamed");
         if let Some(prev_dir) = previous
             .and_then(Path::parent)
             .and_then(|d| d.file_name())
@@ -239,9 +254,11 @@ impl ModelStore {
         {
             if prev_dir != name {
                 self.set_pointer("previous", prev_dir)?;
+                crash_point("previous");
             }
         }
         self.set_pointer("current", &name)?;
+        crash_point("current");
         Ok(fin.join("manifest.json"))
     }
 
@@ -307,6 +324,19 @@ pub fn verify_and_stage(
             "the first file is {}, the manifest names {}",
             files[0].0, m.onnx_file
         )));
+    }
+    // Every file is staged under its announced name, but only the manifest's names are signed:
+    // any other name (for example a second `manifest.json`) is refused, as is a repeat.
+    for (i, (name, _)) in files.iter().enumerate() {
+        let signed = *name == m.onnx_file || m.probe.as_ref().is_some_and(|p| p.file == *name);
+        if !signed {
+            return Err(InstallError::Verify(format!(
+                "file {name} is not named by the signed manifest"
+            )));
+        }
+        if files[..i].iter().any(|(n, _)| n == name) {
+            return Err(InstallError::Verify(format!("file {name} is sent twice")));
+        }
     }
     let spec = installed.spec();
     if m.version <= spec.version {
@@ -400,6 +430,9 @@ pub struct Installer {
     previous: Option<(Arc<LoadedModel>, Option<PathBuf>)>,
     receiving: Option<Receiving>,
     last: Option<InstallStatus>,
+    /// Other links that show the install progress in their retained status (the local broker
+    /// when the models come over the uplink).
+    status_also: Vec<AsyncClient>,
 }
 
 impl std::fmt::Debug for Installer {
@@ -435,6 +468,7 @@ impl Installer {
             previous: None,
             receiving: None,
             last: None,
+            status_also: Vec::new(),
         }
     }
 
@@ -452,11 +486,23 @@ impl Installer {
         );
         msg.install = Some(install);
         if let Ok(payload) = serde_json::to_vec(&msg) {
-            let _ = self
-                .client
-                .publish(self.topics.status(), QoS::AtLeastOnce, true, payload)
-                .await;
+            for client in std::iter::once(&self.client).chain(&self.status_also) {
+                let _ = client
+                    .publish(
+                        self.topics.status(),
+                        QoS::AtLeastOnce,
+                        true,
+                        payload.clone(),
+                    )
+                    .await;
+            }
         }
+    }
+
+    /// Also publishes the install progress in the status on `client`'s broker.
+    pub fn with_status_also_on(mut self, client: AsyncClient) -> Self {
+        self.status_also.push(client);
+        self
     }
 
     async fn reject(&mut self, version: Option<u64>, e: &InstallError) {

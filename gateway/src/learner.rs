@@ -195,6 +195,9 @@ pub fn adapt_and_extract(
     })
 }
 
+/// Longest lease a worker's receipt may ask for (1 hour).
+const MAX_LEASE_S: u64 = 3600;
+
 /// The gateway's learner: starts adaptations, keeps the outbox moving.
 pub struct Learner {
     store: Arc<ExclusiveStore>,
@@ -207,6 +210,8 @@ pub struct Learner {
     busy: AtomicBool,
     wake: Notify,
     metrics: Arc<Metrics>,
+    /// Packages a worker has taken (a receipt with `lease_s`): held back until then.
+    leases: std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
 }
 
 impl std::fmt::Debug for Learner {
@@ -242,6 +247,7 @@ impl Learner {
             serve,
             busy: AtomicBool::new(false),
             wake: Notify::new(),
+            leases: std::sync::Mutex::default(),
             metrics,
         }
     }
@@ -373,6 +379,19 @@ impl Learner {
                 return;
             }
         };
+        if let Some(lease) = ack.lease_s {
+            // Bounded, so a bogus lease cannot hold a package back for ever.
+            let secs = lease.min(MAX_LEASE_S);
+            let until = std::time::Instant::now() + Duration::from_secs(secs);
+            if let Ok(mut leases) = self.leases.lock() {
+                leases.insert(ack.package_id.clone(), until);
+            }
+            tracing::info!(package_id = %ack.package_id, lease_s = secs, "A cloud worker took a knowledge package.");
+            return;
+        }
+        if let Ok(mut leases) = self.leases.lock() {
+            leases.remove(&ack.package_id);
+        }
         match self.outbox.ack(&ack.package_id, unix_ms()) {
             Ok(true) => {
                 Metrics::add(&self.metrics.knowledge_acked, 1);
@@ -447,7 +466,8 @@ impl Learner {
     }
 
     /// Publishes every pending package now, then again every `retry` (and whenever an
-    /// adaptation finishes), until `stop`. `connected` says whether publishing makes sense.
+    /// adaptation finishes), until `stop`, except packages under a worker's lease.
+    /// `connected` says whether publishing makes sense.
     pub async fn run_sender(
         self: Arc<Self>,
         publisher: Arc<dyn Publisher>,
@@ -459,7 +479,13 @@ impl Learner {
             if link.connected.load(Ordering::Acquire) {
                 match self.outbox.pending() {
                     Ok(pending) => {
-                        for p in pending {
+                        let now = std::time::Instant::now();
+                        let leased = |id: &str| {
+                            self.leases
+                                .lock()
+                                .is_ok_and(|l| l.get(id).is_some_and(|until| *until > now))
+                        };
+                        for p in pending.into_iter().filter(|p| !leased(&p.id)) {
                             if publisher
                                 .try_publish(p.topic, QoS::AtLeastOnce, false, p.payload)
                                 .is_ok()

@@ -100,6 +100,14 @@ pub enum GatewayError {
     /// The exclusive data store cannot be opened.
     #[error(transparent)]
     Store(#[from] store::StoreError),
+    /// A TLS file of `[mqtt]` or `[uplink]` cannot be used.
+    #[error("[{section}] TLS: {source}")]
+    Tls {
+        /// `mqtt` or `uplink`.
+        section: &'static str,
+        /// What is wrong.
+        source: diredi_mqtt::TlsError,
+    },
 }
 
 /// How [`run_with`] runs.
@@ -211,10 +219,13 @@ pub async fn run_with(
         GatewayState::Offline,
         Some(&model.load()),
     );
-    let (client, eventloop) = AsyncClient::new(
-        mqtt::options(&config.mqtt, &offline),
-        config.mqtt.request_capacity,
-    );
+    let tls_error = |section| move |source| GatewayError::Tls { section, source };
+    let local_options = mqtt::options(&config.mqtt, &offline).map_err(tls_error("mqtt"))?;
+    let mut uplink_options = match &config.uplink {
+        Some(u) => Some(mqtt::options(u, &offline).map_err(tls_error("uplink"))?),
+        None => None,
+    };
+    let (client, eventloop) = diredi_mqtt::client(local_options, config.mqtt.request_capacity);
     let publisher: Arc<dyn Publisher> = Arc::new(client.clone());
     let reporter = Reporter::new(publisher.clone(), topics.error(), data_qos, metrics.clone());
 
@@ -427,28 +438,32 @@ pub async fn run_with(
     );
 
     // Uplink: the status, and with learning the knowledge out and the models in.
-    let uplink = config.uplink.as_ref().map(|u| {
-        let (client, eventloop) = AsyncClient::new(mqtt::options(u, &offline), u.request_capacity);
-        let state = link_state(u);
-        health.add_loop("uplink", state.health.clone());
-        spawn_link(
-            Link {
-                name: "uplink",
-                subscriptions: if uplink_intake.is_some() {
-                    cloud_subs.clone()
-                } else {
-                    Vec::new()
+    let uplink = config
+        .uplink
+        .as_ref()
+        .zip(uplink_options.take())
+        .map(|(u, options)| {
+            let (client, eventloop) = diredi_mqtt::client(options, u.request_capacity);
+            let state = link_state(u);
+            health.add_loop("uplink", state.health.clone());
+            spawn_link(
+                Link {
+                    name: "uplink",
+                    subscriptions: if uplink_intake.is_some() {
+                        cloud_subs.clone()
+                    } else {
+                        Vec::new()
+                    },
+                    announce: uplink_announce.clone(),
+                    reannounce_on: None,
+                    intake: uplink_intake,
+                    backoff: Backoff::new(u.reconnect_min, u.reconnect_max),
+                    state,
                 },
-                announce: uplink_announce.clone(),
-                reannounce_on: None,
-                intake: uplink_intake,
-                backoff: Backoff::new(u.reconnect_min, u.reconnect_max),
-                state,
-            },
-            client,
-            eventloop,
-        )
-    });
+                client,
+                eventloop,
+            )
+        });
 
     let tasks_stop = CancellationToken::new();
     // Commands and the cloud's receipts; the knowledge outbox's sender.
@@ -471,6 +486,10 @@ pub async fn run_with(
             state_dir,
             model_path.clone(),
         );
+        if uplink.is_some() {
+            // Models come over the uplink; local monitoring sees the install in its status too.
+            installer = installer.with_status_also_on(local.client.clone());
+        }
         let command_topic = topics.command();
         // The policy trigger: adapt by itself after N newly labelled windows.
         let policy = config.learning.as_ref().map_or(0, |l| l.adapt_after_labels);

@@ -67,8 +67,8 @@ impl Backoff {
     }
 }
 
-/// rumqttc options for `cfg` with `will` as last will.
-pub fn options(cfg: &MqttConfig, will: &OutMessage) -> MqttOptions {
+/// rumqttc options for `cfg` with `will` as last will; reads the TLS files when TLS is on.
+pub fn options(cfg: &MqttConfig, will: &OutMessage) -> Result<MqttOptions, diredi_mqtt::TlsError> {
     let mut o = MqttOptions::new(&cfg.client_id, &cfg.host, cfg.port);
     o.set_keep_alive(cfg.keep_alive);
     o.set_clean_session(true);
@@ -82,7 +82,8 @@ pub fn options(cfg: &MqttConfig, will: &OutMessage) -> MqttOptions {
     if let Some((user, pass)) = &cfg.credentials {
         o.set_credentials(user, pass);
     }
-    o
+    cfg.tls.apply(&mut o)?;
+    Ok(o)
 }
 
 /// Messages for the gateway's control task (commands, the cloud's receipts).

@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use diredi_protocol::messages::{CommandMsg, LabelMsg};
-use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
+use rumqttc::{Event, MqttOptions, Outgoing, Packet, QoS};
 
 use crate::config::Config;
 
@@ -45,7 +45,10 @@ pub async fn publish(cfg: &Config, topic: String, payload: Vec<u8>) -> Result<()
     if let Some((u, p)) = &m.credentials {
         o.set_credentials(u, p);
     }
-    let (client, mut events) = AsyncClient::new(o, 8);
+    m.tls
+        .apply(&mut o)
+        .map_err(|e| RemoteError::Invalid(format!("TLS: {e}")))?;
+    let (client, mut events) = diredi_mqtt::client(o, 8);
     let broker = format!("{}:{}", m.host, m.port);
     client
         .publish(topic, QoS::AtLeastOnce, false, payload)

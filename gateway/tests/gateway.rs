@@ -13,6 +13,8 @@ mod bad_input;
 mod cli;
 #[path = "gateway/e2e.rs"]
 mod e2e;
+#[path = "gateway/faults.rs"]
+mod faults;
 #[path = "gateway/install.rs"]
 mod install;
 #[path = "gateway/labels.rs"]
@@ -23,5 +25,7 @@ mod onnx;
 mod outbox;
 #[path = "gateway/process.rs"]
 mod process;
+#[path = "gateway/security.rs"]
+mod security;
 #[path = "gateway/support.rs"]
 mod support;

@@ -36,6 +36,9 @@ pub const KNOWLEDGE_FORMAT: &str = "diredi-knowledge/1";
 /// Hard bound on a package's size, both when writing and when reading.
 pub const MAX_KNOWLEDGE_BYTES: usize = 64 * 1024;
 const MAX_TENSOR_VALUES: usize = 1 << 22;
+/// Largest accepted quantisation scale: a delta entry is at most 127 of them, so every
+/// dequantised value stays finite (real packages have scales far below 1).
+pub const MAX_DELTA_SCALE: f32 = 1.0e6;
 
 /// Errors of extraction, coding and application.
 #[derive(Debug, thiserror::Error)]
@@ -577,6 +580,11 @@ impl Knowledge {
                     "`{name}`: non-finite scale"
                 )));
             }
+            if scales.iter().any(|s| s.abs() > MAX_DELTA_SCALE) {
+                return Err(KnowledgeError::Format(format!(
+                    "`{name}`: scale beyond {MAX_DELTA_SCALE}"
+                )));
+            }
             let (mask, count) = if sparse {
                 let m = r.take(numel.div_ceil(8), "mask")?.to_vec();
                 let count = m.iter().map(|b| b.count_ones() as usize).sum::<usize>();
@@ -646,8 +654,27 @@ impl Knowledge {
                 .get(&d.name)
                 .ok_or_else(|| KnowledgeError::Mismatch(format!("no tensor `{}`", d.name)))?;
             let b = grow_rows(b, &d.shape)?;
-            let delta = Tensor::from_vec(d.dequantise(), d.shape.as_slice(), &Device::Cpu)?;
-            out.insert(d.name.clone(), (b + delta)?);
+            let values = d.dequantise();
+            if values.iter().any(|v| !v.is_finite()) {
+                return Err(KnowledgeError::Format(format!(
+                    "`{}`: the delta is not finite",
+                    d.name
+                )));
+            }
+            let delta = Tensor::from_vec(values, d.shape.as_slice(), &Device::Cpu)?;
+            let sum = (b + delta)?;
+            if sum
+                .flatten_all()?
+                .to_vec1::<f32>()?
+                .iter()
+                .any(|v| !v.is_finite())
+            {
+                return Err(KnowledgeError::Mismatch(format!(
+                    "`{}`: the updated weights are not finite",
+                    d.name
+                )));
+            }
+            out.insert(d.name.clone(), sum);
         }
         Ok(Net::from_named(config, out, 0)?)
     }

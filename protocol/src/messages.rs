@@ -293,6 +293,12 @@ pub struct KnowledgeAckMsg {
     /// Why it was refused, or what happens next.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
+    /// A lease, not yet the receipt: the worker is working on the package, and the gateway
+    /// holds it back this many seconds before sending it again. The final receipt (without
+    /// `lease_s`) takes it out of the outbox; if none comes (the worker died), the package goes
+    /// out again when the lease ends, to whichever worker of the shared subscription.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_s: Option<u64>,
 }
 
 impl CommandMsg {

@@ -21,7 +21,7 @@ use anyhow::{bail, Context, Result};
 use diredi_protocol::manifest::Manifest;
 use diredi_protocol::sensor::{encode_binary, encode_json, encode_senml};
 use diredi_protocol::Topics;
-use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
+use rumqttc::{Event, MqttOptions, Outgoing, Packet, QoS};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
@@ -221,7 +221,7 @@ pub async fn run(args: LoadArgs, shutdown: CancellationToken) -> Result<LoadRepo
     options
         .set_keep_alive(Duration::from_secs(30))
         .set_max_packet_size(1 << 20, 1 << 20);
-    let (client, mut eventloop) = AsyncClient::new(options, REQUEST_QUEUE);
+    let (client, mut eventloop) = diredi_mqtt::client(options, REQUEST_QUEUE);
     // No Nagle: a message leaves when it is published, not when the kernel decides.
     let mut net = eventloop.network_options();
     net.set_tcp_nodelay(true);

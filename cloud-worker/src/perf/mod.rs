@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use diredi_protocol::messages::{GatewayState, InferenceMsg, StatusMsg};
 use diredi_protocol::Topics;
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use rumqttc::{Event, MqttOptions, Packet, QoS};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
@@ -545,7 +545,7 @@ impl Collector {
         options
             .set_keep_alive(Duration::from_secs(30))
             .set_max_packet_size(1 << 20, 1 << 20);
-        let (client, mut events) = AsyncClient::new(options, 64);
+        let (client, mut events) = diredi_mqtt::client(options, 64);
         let mut net = events.network_options();
         net.set_tcp_nodelay(true);
         events.set_network_options(net);
@@ -850,7 +850,7 @@ async fn wait_online(
         port,
     );
     options.set_keep_alive(Duration::from_secs(30));
-    let (client, mut events) = AsyncClient::new(options, 16);
+    let (client, mut events) = diredi_mqtt::client(options, 16);
     client
         .subscribe(ctx.topics.status(), QoS::AtLeastOnce)
         .await?;

@@ -1,15 +1,78 @@
-//! Labels → adapt → knowledge → cloud update → new model → install, over the gateway's
-//! embedded broker, with the shipped HAPT model and a real HAPT user.
+//! Labels → adapt → knowledge → cloud update → new model → install, with the shipped HAPT
+//! model and a real HAPT user, the gateway's local broker and the cloud's broker apart (two
+//! Mosquittos; knowledge, receipts and models on the gateway's uplink). Then the privacy audit
+//! (issue 6 §5): every message the gateway published on either broker, told apart by the
+//! brokers' own logs, is checked for exclusive windows, for the user's labels and against the
+//! documented topic contract.
 
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use diredi_cloud_worker::cycle_demo::{self, CycleArgs};
 use diredi_cloud_worker::serve::{self, ServeArgs};
 use half::f16;
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use tokio_util::sync::CancellationToken;
 
-use crate::{available, free_port, repo_root};
+use crate::{available, repo_root, Mosquitto};
 
+type Captured = Arc<Mutex<Vec<(String, Vec<u8>)>>>;
+
+/// Records every message on `port` (`#`, retained ones included) from now on.
+async fn capture(port: u16, name: &str) -> (Captured, tokio::task::JoinHandle<()>) {
+    let mut o = MqttOptions::new(format!("audit-{name}"), "127.0.0.1", port);
+    o.set_max_packet_size(16 << 20, 16 << 20);
+    let (client, mut el) = AsyncClient::new(o, 64);
+    let seen: Captured = Arc::default();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let mut tx = Some(tx);
+    let sink = seen.clone();
+    let task = tokio::spawn(async move {
+        loop {
+            match el.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    let c = client.clone();
+                    tokio::spawn(async move { c.subscribe("#", QoS::AtLeastOnce).await });
+                }
+                Ok(Event::Incoming(Packet::SubAck(_))) => {
+                    if let Some(tx) = tx.take() {
+                        let _ = tx.send(());
+                    }
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    sink.lock()
+                        .unwrap()
+                        .push((p.topic.clone(), p.payload.to_vec()));
+                }
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    });
+    tokio::time::timeout(Duration::from_secs(10), rx)
+        .await
+        .expect("audit subscription")
+        .unwrap();
+    (seen, task)
+}
+
+/// The topics the gateway `e2e` may publish on, after `diredi/v1/e2e/` (README, topic
+/// contract): on its local broker, and on the cloud's broker through the uplink.
+fn documented(broker: &str, topic: &str) -> bool {
+    let Some(rest) = topic.strip_prefix("diredi/v1/e2e/") else {
+        return false;
+    };
+    match broker {
+        "local" => {
+            matches!(rest, "status" | "metrics" | "error" | "adaptation")
+                || rest
+                    .strip_prefix("inference/")
+                    .is_some_and(|s| !s.is_empty() && !s.contains('/'))
+        }
+        _ => matches!(rest, "status" | "knowledge"),
+    }
+}
 /// Every run of 4 consecutive values of `v` (in the given order), as f32 and f16 bytes.
 fn shingles(v: &[f32], out: &mut HashSet<Vec<u8>>) {
     for w in v.windows(4) {
@@ -37,7 +100,7 @@ fn leaks(payload: &[u8], needles: &HashSet<Vec<u8>>) -> Option<usize> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_cycle_installs_a_better_model_and_no_exclusive_window_leaves_the_gateway() {
+async fn the_cycle_installs_a_better_model_and_nothing_private_leaves_the_gateway() {
     let root = repo_root();
     let model = root.join("onnx-models/hapt-student-v1.json");
     let data = root.join("data/hapt");
@@ -48,18 +111,31 @@ async fn the_cycle_installs_a_better_model_and_no_exclusive_window_leaves_the_ga
     {
         return;
     }
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
     let dir = tempfile::tempdir().unwrap();
     let key_path = dir.path().join("worker.key");
     let key = diredi_cloud_worker::keys::load_or_generate(&key_path).unwrap();
     let shipped_key = std::fs::read_to_string(root.join("onnx-models/publisher.pub")).unwrap();
-    let port = free_port();
+    let local = Mosquitto::start();
+    let cloud = Mosquitto::start();
+    let (local_seen, local_task) = capture(local.port, "local").await;
+    let (cloud_seen, cloud_task) = capture(cloud.port, "cloud").await;
     let gw_toml = format!(
         r#"
 [gateway]
 id = "e2e"
 log_level = "warn"
+[broker]
+enabled = false
 [mqtt]
-port = {port}
+port = {}
+[uplink]
+enabled = true
+host = "127.0.0.1"
+port = {}
 [model]
 path = "{}"
 trusted_keys = ["{}", "{}"]
@@ -71,6 +147,8 @@ interval_s = 0.5
 state_dir = "{}"
 serve_adapted = true
 "#,
+        local.port,
+        cloud.port,
         model.display(),
         shipped_key.trim(),
         key.public().to_base64(),
@@ -83,7 +161,7 @@ serve_adapted = true
     // A quick update: the full settings are the benchmark's business.
     let serve_args = ServeArgs {
         host: "127.0.0.1".into(),
-        port,
+        port: cloud.port,
         group: "e2e".into(),
         dataset: data.clone(),
         split: root.join("cloud-worker/splits/hapt.toml"),
@@ -98,6 +176,10 @@ serve_adapted = true
                 .into(),
         ),
         max_packages: Some(1),
+        ca_file: None,
+        cert_file: None,
+        key_file: None,
+        lease_s: 600,
     };
     let worker = tokio::spawn(serve::run(serve_args, stop.clone()));
 
@@ -108,7 +190,7 @@ serve_adapted = true
             subject: "2".into(),
             gateway: "e2e".into(),
             host: "127.0.0.1".into(),
-            port,
+            port: local.port,
             wait_s: 400,
         },
         stop.clone(),
@@ -151,6 +233,54 @@ serve_adapted = true
                 .is_ok_and(|v| v["model_adapted_locally"] == true)));
     assert!(report.knowledge_bytes > 0 && report.knowledge_bytes <= 64 * 1024);
 
+    // Privacy audit. What the gateway published, on each broker, from the brokers' logs.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    local_task.abort();
+    cloud_task.abort();
+    let gateway_client = "diredi-gateway-e2e";
+    let mut audited = Vec::new();
+    for (name, broker, seen) in [
+        ("local", &local, &local_seen),
+        ("cloud", &cloud, &cloud_seen),
+    ] {
+        let published: BTreeSet<String> = broker
+            .publishes()
+            .into_iter()
+            .filter(|(client, _)| client == gateway_client)
+            .map(|(_, topic)| topic)
+            .collect();
+        assert!(!published.is_empty(), "{name}: the log names the gateway");
+        for t in &published {
+            assert!(documented(name, t), "{name}: undocumented topic {t}");
+        }
+        // Every topic the gateway used is its own: nobody else published there.
+        for (client, topic) in broker.publishes() {
+            if published.contains(&topic) {
+                assert_eq!(client, gateway_client, "{name}: {topic}");
+            }
+        }
+        audited.extend(
+            seen.lock()
+                .unwrap()
+                .iter()
+                .filter(|(t, _)| published.contains(t))
+                .cloned()
+                .map(|(t, p)| (format!("{name} {t}"), p)),
+        );
+    }
+    assert!(
+        audited
+            .iter()
+            .any(|(t, _)| t == "cloud diredi/v1/e2e/knowledge"),
+        "the knowledge went to the cloud's broker"
+    );
+    assert!(
+        !audited
+            .iter()
+            .any(|(t, _)| t == "local diredi/v1/e2e/knowledge"),
+        "and only there"
+    );
+
     // No message the gateway published holds four consecutive values of an exclusive window,
     // raw or standardised, in either layout, at f32 or f16.
     let mut needles = HashSet::new();
@@ -161,16 +291,37 @@ serve_adapted = true
         shingles(std, &mut needles);
         shingles(&transpose(std, c, t), &mut needles);
     }
-    assert!(report
-        .gateway_messages
-        .iter()
-        .any(|(t, _)| t.ends_with("/knowledge")));
-    for (topic, payload) in &report.gateway_messages {
+    for (topic, payload) in &audited {
         assert_eq!(
             leaks(payload, &needles),
             None,
             "{topic} carries exclusive window values"
         );
+    }
+    // No label leaves: the user's labels (time range and class, sent on `label/…`) appear in
+    // no message of the gateway, as text or as the range's i64 bytes.
+    let labels: Vec<serde_json::Value> = local_seen
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(t, _)| t.starts_with("diredi/v1/e2e/label/"))
+        .map(|(_, p)| serde_json::from_slice(p).unwrap())
+        .collect();
+    assert!(labels.len() >= 6, "{} labels sent", labels.len());
+    for l in &labels {
+        let (from, to) = (l["from_ts"].as_i64().unwrap(), l["to_ts"].as_i64().unwrap());
+        let bytes: Vec<u8> = [from, to].iter().flat_map(|v| v.to_le_bytes()).collect();
+        for (topic, payload) in &audited {
+            let text = String::from_utf8_lossy(payload);
+            assert!(
+                !(text.contains(&from.to_string()) && text.contains(&to.to_string())),
+                "{topic} carries the label {l}"
+            );
+            assert!(
+                !payload.windows(16).any(|w| w == bytes.as_slice()),
+                "{topic} carries the label range {l}"
+            );
+        }
     }
     // The check itself finds a window when one is there.
     let (raw, _) = &report.exclusive[0];

@@ -14,7 +14,7 @@ const T0: i64 = 1_700_000_000_000;
 type Files = Vec<(String, Vec<u8>)>;
 
 /// Publishes `files` of `manifest` (retained chunks first, then the retained announcement).
-async fn dispatch(
+pub async fn dispatch(
     obs: &Observer,
     manifest: serde_json::Value,
     version: u64,
@@ -142,6 +142,17 @@ async fn dispatched_models_are_verified_smoke_run_installed_or_rejected_and_roll
             "truncated",
         ),
         (13, narrow_manifest, file(13, &onnx), false, "channels"),
+        // A second file the signature does not cover, named to overwrite the staged manifest.
+        (
+            14,
+            signed(14, &onnx, &signing_key()),
+            vec![
+                ("model-v14.onnx".to_string(), onnx.clone()),
+                ("manifest.json".to_string(), b"{}".to_vec()),
+            ],
+            false,
+            "not named by the signed manifest",
+        ),
     ];
     for (v, m, files, corrupt, why) in cases {
         dispatch(&obs, m, v, &files, corrupt).await;
@@ -217,4 +228,86 @@ async fn an_installed_update_is_served_again_after_a_restart() {
         );
         gw.stop().await.unwrap();
     }
+}
+
+/// Transfer faults (issue 6 §2): chunks that arrive out of order and repeated still build the
+/// signed model; an oversized file, a chunk longer than announced or a chunk of a file never
+/// announced is refused, and the old model keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transfers_out_of_order_duplicated_oversized_or_overlong_are_handled() {
+    if !ort_available() && skip("ONNX Runtime") {
+        return;
+    }
+    let spec = Spec::small();
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = write_onnx_model(dir.path(), &spec); // v7
+    let port = free_port();
+    let mut table = config_table(port, true, Some(&manifest));
+    set(
+        &mut table,
+        "learning",
+        "state_dir",
+        state_dir().display().to_string(),
+    );
+    let gw = Running::start(compile(&table), None);
+    gw.ready().await;
+    let mut obs = Observer::connect(port, &format!("diredi/v1/{GW}/#")).await;
+    let model_topic = format!("diredi/v1/{GW}/model");
+    let onnx = mean_argmax(spec.channels.len(), spec.window);
+    let build = |v: u64| {
+        let name = format!("model-v{v}.onnx");
+        let m = versioned_manifest(&spec, &onnx, &name, v, &signing_key());
+        DispatchMsg::build(m, v, &[(name, onnx.clone())], 64)
+    };
+
+    // v8: announced first, then every chunk twice, last chunk first (live, not retained).
+    let (msg, chunks) = build(8);
+    assert!(chunks[0].len() >= 3, "several chunks");
+    obs.publish(&model_topic, serde_json::to_vec(&msg).unwrap())
+        .await;
+    install_state(&mut obs, "receiving", 8).await;
+    for _ in 0..2 {
+        for (i, c) in chunks[0].iter().enumerate().rev() {
+            obs.publish(&chunk_topic(&model_topic, 8, 0, i), c.clone())
+                .await;
+        }
+    }
+    install_state(&mut obs, "committed", 8).await;
+    assert_eq!(served_version(&mut obs, &spec, "a").await, 8);
+
+    // v9: a file announced larger than any model may be (64 MiB): refused at announcement.
+    let (msg, _) = build(9);
+    let mut big = serde_json::to_value(&msg).unwrap();
+    big["files"][0]["size"] = serde_json::json!(1u64 << 40);
+    obs.publish(&model_topic, serde_json::to_vec(&big).unwrap())
+        .await;
+    let s = obs
+        .next_json("/status", WAIT, |v| v["install"]["state"] == "rejected")
+        .await
+        .expect("oversized announcement rejected");
+    assert!(
+        s["install"]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("out of range"),
+        "{s}"
+    );
+
+    // v10: a chunk with bytes appended (longer than announced), and v11: a chunk of a file the
+    // announcement does not have. Each is refused and v8 keeps serving.
+    for (v, file, extra) in [(10u64, 0usize, true), (11, 3, false)] {
+        let (msg, chunks) = build(v);
+        obs.publish(&model_topic, serde_json::to_vec(&msg).unwrap())
+            .await;
+        install_state(&mut obs, "receiving", v).await;
+        let mut c = chunks[0][0].clone();
+        if extra {
+            c.extend_from_slice(&[0u8; 16]);
+        }
+        obs.publish(&chunk_topic(&model_topic, v, file, 0), c).await;
+        let s = install_state(&mut obs, "rejected", v).await;
+        assert_eq!(s["model_version"], 8, "v{v}: {s}");
+    }
+    assert_eq!(served_version(&mut obs, &spec, "b").await, 8);
+    gw.stop().await.unwrap();
 }

@@ -143,3 +143,74 @@ async fn with_an_uplink_knowledge_and_receipts_travel_on_the_cloud_broker() {
     assert!(on_local.is_empty(), "no knowledge on the local broker");
     gw.stop().await.unwrap();
 }
+
+/// A cloud worker that takes a package (a receipt with a lease) and dies before its final
+/// receipt: the gateway holds the package back during the lease, then sends it again, and
+/// another worker of the shared subscription takes it and ends it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_package_whose_worker_died_goes_to_another_worker_when_the_lease_ends() {
+    let spec = Spec::small();
+    let state = state_dir();
+    let knowledge = format!("diredi/v1/{GW}/knowledge");
+    let ack_topic = format!("diredi/v1/{GW}/knowledge/ack");
+    Outbox::open(&state.join("outbox.redb"), 4)
+        .unwrap()
+        .push("pkg-2", &knowledge, b"package")
+        .unwrap();
+    let port = free_port();
+    let mut table = config_table(port, false, None);
+    set(
+        &mut table,
+        "learning",
+        "state_dir",
+        state.display().to_string(),
+    );
+    set(&mut table, "learning", "knowledge_retry_s", 0.5);
+    let _broker = Mosquitto::start_on(port);
+    let shared = "$share/workers/diredi/v1/+/knowledge";
+
+    let mut first = Observer::connect(port, shared).await;
+    let gw = Running::start(compile(&table), Some(fake_model(&spec)));
+    gw.ready().await;
+    assert!(first.next_on("/knowledge", WAIT).await.is_some());
+    first
+        .publish(
+            &ack_topic,
+            br#"{"package_id":"pkg-2","accepted":true,"detail":"updating","lease_s":3}"#.to_vec(),
+        )
+        .await;
+    let leased = std::time::Instant::now();
+    // Give the receipt time to leave (publish only queues it), then die mid-update.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(first);
+
+    let mut second = Observer::connect(port, shared).await;
+    let mut metrics = Observer::connect(port, &format!("diredi/v1/{GW}/metrics")).await;
+    let again = second.next_on("/knowledge", WAIT).await;
+    let after = leased.elapsed();
+    assert!(again.is_some(), "sent again after the lease");
+    assert!(
+        after >= Duration::from_millis(2500),
+        "held back during the 3 s lease, sent again after {after:?}"
+    );
+    second
+        .publish(
+            &ack_topic,
+            br#"{"package_id":"pkg-2","accepted":true,"detail":"dispatched v2"}"#.to_vec(),
+        )
+        .await;
+    metrics
+        .next_json("/metrics", WAIT, |v| {
+            v["knowledge_acked"] == 1 && v["outbox_pending"] == 0
+        })
+        .await
+        .expect("the final receipt ends it");
+    assert!(
+        second
+            .next_on("/knowledge", Duration::from_millis(1500))
+            .await
+            .is_none(),
+        "not sent after the final receipt"
+    );
+    gw.stop().await.unwrap();
+}

@@ -255,3 +255,67 @@ fn a_tampered_model_stops_startup_with_a_clear_error_and_exit_1() {
     assert!(log.contains("sha256 mismatch"), "{log}");
     assert!(log.contains("model.json"), "names the model: {log}");
 }
+
+/// kill -9 at every step of a model install (issue 6 §2): the gateway binary dies at each
+/// step of staging v8 (`DIREDI_FAULT_INSTALL`, an abort: nothing more is written). Restarted,
+/// it serves v7 intact if it died before `current` moved and v8 if after, never a half-written
+/// file; the retained announcement then installs v8 over the debris.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_at_every_install_step_leaves_an_intact_model_and_the_install_completes() {
+    if !ort_available() && skip("ONNX Runtime") {
+        return;
+    }
+    let spec = Spec::small();
+    let onnx = super::onnx::mean_argmax(spec.channels.len(), spec.window);
+    let steps = [
+        ("staging", 7),
+        ("staged", 7),
+        ("renamed", 7),
+        ("previous-tmp", 7),
+        ("previous", 7),
+        ("current-tmp", 7),
+        ("current", 8),
+    ];
+    for (step, served_after) in steps {
+        let mosquitto = Mosquitto::start();
+        let setup = Setup::new(mosquitto.port, |_| {});
+        let mut doomed = setup.gateway();
+        doomed.env("DIREDI_FAULT_INSTALL", step);
+        let mut gw = setup.start(doomed);
+        let obs = online(mosquitto.port).await;
+        let m = versioned_manifest(&spec, &onnx, "model-v8.onnx", 8, &signing_key());
+        super::install::dispatch(&obs, m, 8, &[("model-v8.onnx".into(), onnx.clone())], false)
+            .await;
+        let died = tokio::task::block_in_place(|| gw.wait(WAIT));
+        let died = died.unwrap_or_else(|| panic!("{step}: still running; log:\n{}", gw.log()));
+        assert!(!died.success(), "{step}: {died}");
+        assert!(gw.log().contains(step), "{step}: {}", gw.log());
+        drop(obs);
+
+        let restarted = setup.start(setup.gateway());
+        let mut obs = Observer::connect(mosquitto.port, &format!("diredi/v1/{GW}/#")).await;
+        let first = obs
+            .next_json("/status", WAIT, |v| v["state"] == "online")
+            .await
+            .expect("restarted");
+        assert_eq!(
+            first["model_version"],
+            served_after,
+            "{step}: served at restart; log:\n{}",
+            restarted.log()
+        );
+        if served_after == 7 {
+            obs.next_json("/status", WAIT, |v| {
+                v["install"]["state"] == "committed" && v["model_version"] == 8
+            })
+            .await
+            .unwrap_or_else(|| {
+                panic!(
+                    "{step}: v8 installed after the crash; log:\n{}",
+                    restarted.log()
+                )
+            });
+        }
+        drop(restarted);
+    }
+}

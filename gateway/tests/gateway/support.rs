@@ -72,13 +72,17 @@ impl Mosquitto {
 
     /// Starts Mosquitto on `port`.
     pub fn start_on(port: u16) -> Self {
+        Self::start_conf(
+            port,
+            &format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"),
+        )
+    }
+
+    /// Starts Mosquitto with the configuration `text`, which must listen on `port`.
+    pub fn start_conf(port: u16, text: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let conf = dir.path().join("mosquitto.conf");
-        std::fs::write(
-            &conf,
-            format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"),
-        )
-        .unwrap();
+        std::fs::write(&conf, text).unwrap();
         let bin = ["/usr/sbin/mosquitto", "mosquitto"]
             .into_iter()
             .find(|b| !b.starts_with('/') || Path::new(b).exists())
@@ -134,6 +138,15 @@ impl Msg {
     }
 }
 
+/// Options of an observer on `127.0.0.1:port` with a fresh client id.
+pub fn observer_options(port: u16) -> MqttOptions {
+    let id = format!("observer-{}", free_port());
+    let mut opts = MqttOptions::new(id, "127.0.0.1", port);
+    opts.set_keep_alive(Duration::from_secs(5));
+    opts.set_max_packet_size(4 << 20, 4 << 20);
+    opts
+}
+
 /// An MQTT client that records every message on a filter and can publish.
 pub struct Observer {
     client: AsyncClient,
@@ -145,10 +158,11 @@ impl Observer {
     /// Connects to `127.0.0.1:port` (retrying until the broker is up) and subscribes to
     /// `filter`; returns once the subscription is acknowledged.
     pub async fn connect(port: u16, filter: &str) -> Self {
-        let id = format!("observer-{}", free_port());
-        let mut opts = MqttOptions::new(id, "127.0.0.1", port);
-        opts.set_keep_alive(Duration::from_secs(5));
-        opts.set_max_packet_size(4 << 20, 4 << 20);
+        Self::connect_with(observer_options(port), filter).await
+    }
+
+    /// [`Observer::connect`] with these options (TLS, another client id).
+    pub async fn connect_with(opts: MqttOptions, filter: &str) -> Self {
         let (client, mut el) = AsyncClient::new(opts, 10_000);
         let (tx, rx) = mpsc::unbounded_channel();
         let (sub_tx, mut sub_rx) = mpsc::unbounded_channel();
@@ -211,6 +225,11 @@ impl Observer {
                 return Some(v);
             }
         }
+    }
+
+    /// A message already received, without waiting.
+    pub fn try_next(&mut self) -> Option<Msg> {
+        self.rx.try_recv().ok()
     }
 
     /// Collects `n` messages on `suffix` (fewer if `timeout` passes first).

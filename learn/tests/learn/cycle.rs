@@ -374,6 +374,14 @@ fn knowledge_bytes_round_trip_and_damage_is_an_error() {
     // A base of another size does not take the package.
     let other = Net::new(ModelConfig::student(3, 32, 6), 1).unwrap();
     assert!(kn.apply(&other).is_err());
+    // A finite scale so large that its deltas overflow (found by fuzzing) is refused when
+    // read, and a package built in memory with it does not apply.
+    let mut huge = kn.clone();
+    huge.deltas[0].scales[0] = f32::MAX / 2.0;
+    assert!(huge.deltas[0].values.iter().any(|&v| v.abs() > 2));
+    let err = Knowledge::from_bytes(&huge.to_bytes().unwrap()).unwrap_err();
+    assert!(err.to_string().contains("scale"), "{err}");
+    assert!(huge.apply(&base).is_err());
 }
 
 #[test]
