@@ -12,7 +12,10 @@
 //!    extend the teacher's head.
 //! 2. **re-distillation** of a student for that gateway from the updated teacher on presumed +
 //!    pool windows, the pool sampled with weights towards the classes the user labelled (the
-//!    package's histogram). Warm start from the adapted (default) or the installed student.
+//!    package's histogram). Warm start from the adapted (default) or the installed student;
+//!    the result is then averaged, weight by weight, with the adapted student
+//!    (`adapted_blend`, default 0.5), so the user's knowledge survives where the pool has no
+//!    inputs like the user's.
 //! 3. **deploy gate**, on manufacturer data only (presumed validation subjects, never user
 //!    data): accuracy ≥ installed − `gate_margin`, and agreement with the adapted student on
 //!    the pool windows where it differs from the installed one ≥ `gate_agreement`.
@@ -77,7 +80,9 @@ pub struct UpdateConfig {
     pub warm_start: WarmStart,
     /// With an adapted warm start: after re-distillation the weights are interpolated
     /// `(1 − b) · distilled + b · adapted`, which keeps the user's knowledge in the input region
-    /// the pool does not cover (0 = the distilled weights as they are).
+    /// the pool does not cover (0 = the distilled weights as they are). The default 0.5: with 0,
+    /// users whose data lies outside the pool (HAPT user 10 wears the phone differently) got
+    /// a student that learnt little of their knowledge and failed the gate.
     pub adapted_blend: f64,
     /// UPLOAD only: re-distillation learning rate (its student starts from the installed one).
     pub upload_student_lr: f64,
@@ -109,7 +114,7 @@ impl Default for UpdateConfig {
             temperature: 4.0,
             alpha: 0.7,
             warm_start: WarmStart::Adapted,
-            adapted_blend: 0.0,
+            adapted_blend: 0.5,
             upload_student_lr: 1e-3,
             upload_repeat: 25,
             gate_margin: 0.025,
