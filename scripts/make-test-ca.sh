@@ -65,6 +65,7 @@ sign server "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\nexte
 for c in "${clients[@]}"; do
   case $c in
     */* | *+* | *'#'* | '' ) echo "make-test-ca: $c cannot be an MQTT user name / gateway id" >&2; exit 1 ;;
+    fleet ) echo "make-test-ca: fleet names the fleet-wide topics, not a client" >&2; exit 1 ;;
   esac
   sign "$c" "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=clientAuth\n"
 done

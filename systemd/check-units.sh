@@ -97,6 +97,20 @@ for unit in "${units[@]}"; do
         failed=1
     fi
 
+    # A unit with state runs as an unprivileged user and keeps its state directory 0700.
+    if grep -q '^StateDirectory=' "$unit"; then
+        user="$(sed -n 's/^User=//p' "$unit" | tail -n 1)"
+        mode="$(sed -n 's/^StateDirectoryMode=//p' "$unit" | tail -n 1)"
+        dynamic=0
+        grep -q '^DynamicUser=yes' "$unit" && dynamic=1
+        if [[ "$mode" == 0700 ]] && { ((dynamic)) || [[ -n "$user" && "$user" != root && "$user" != 0 ]]; }; then
+            echo "ok   $name: runs as ${user:-a dynamic user}, state directory $mode"
+        else
+            echo "FAIL $name: needs User= (not root) or DynamicUser=yes, and StateDirectoryMode=0700 (found User=${user:-none}, mode ${mode:-default 0755})" >&2
+            failed=1
+        fi
+    fi
+
     report="$(cd "$work" && systemd-analyze security --offline=true --no-pager \
         --threshold="$threshold_x10" "$copy" 2>&1)" && status=0 || status=$?
     overall="$(grep -o 'Overall exposure level for .*' <<<"$report" || true)"

@@ -71,6 +71,10 @@ pub struct ServeArgs {
     /// Stop after this many packages (tests, demos); default: serve until stopped.
     #[arg(long)]
     pub max_packages: Option<usize>,
+    /// Fault injection for tests: stop with an error right after sending the first lease, as
+    /// if the worker were killed mid-update.
+    #[arg(long, hide = true)]
+    pub die_after_lease: bool,
     /// Seconds a gateway holds a package back once this worker has taken it (the lease in the
     /// first receipt); longer than an update takes, short enough that a package whose worker
     /// died is soon taken by another.
@@ -340,6 +344,7 @@ pub async fn run(args: ServeArgs, shutdown: CancellationToken) -> Result<Vec<Upd
     .context("TLS")?;
     let (client, mut events) = diredi_mqtt::client(options, 1024);
     let mut reports = Vec::new();
+    let mut failures: std::collections::HashMap<String, u32> = Default::default();
     let mut queue: std::collections::VecDeque<(String, Vec<u8>)> = Default::default();
     loop {
         let ev = tokio::select! {
@@ -365,7 +370,13 @@ pub async fn run(args: ServeArgs, shutdown: CancellationToken) -> Result<Vec<Upd
         // One package at a time, between polls; the event loop keeps the connection alive
         // while the blocking work runs on its own thread.
         if let Some((gw, payload)) = queue.pop_front() {
-            let topics = Topics::new(&gw)?;
+            let topics = match Topics::new(&gw) {
+                Ok(t) => t,
+                Err(e) => {
+                    tracing::warn!(gateway = %gw, error = %e, "Ignoring knowledge on a topic that names no gateway.");
+                    continue;
+                }
+            };
             let k = match Knowledge::from_bytes(&payload) {
                 Ok(k) => k,
                 Err(e) => {
@@ -410,6 +421,11 @@ pub async fn run(args: ServeArgs, shutdown: CancellationToken) -> Result<Vec<Upd
                     serde_json::to_vec(&lease)?,
                 )
                 .await?;
+            if args.die_after_lease {
+                // Fault injection: gone once the lease is out, as if killed mid-update.
+                flush(&client, &mut events).await;
+                bail!("--die-after-lease: stopped after the lease of {k_id}");
+            }
             tracing::info!(gateway = %gw, package_id = %k.package_id, bytes = payload.len(), "Knowledge received; updating the teacher and re-distilling.");
             let bytes = payload.len();
             let (w, res) =
@@ -418,13 +434,20 @@ pub async fn run(args: ServeArgs, shutdown: CancellationToken) -> Result<Vec<Upd
             let (report, path) = match res {
                 Ok(r) => r,
                 Err(e) => {
-                    tracing::warn!(gateway = %gw, error = %e, "Update failed.");
-                    let body =
-                        serde_json::to_vec(&ack(false, Some(format!("update failed: {e}"))))?;
-                    client
-                        .publish(topics.knowledge_ack(), QoS::AtLeastOnce, false, body)
-                        .await?;
-                    worker.remember(&k_id, &format!("failed: {e}"));
+                    // Perhaps transient (disk, memory): no receipt, so the package comes back
+                    // when the lease ends, here or at another worker; refused for good after
+                    // MAX_ATTEMPTS failures here.
+                    let n = failures.entry(k_id.clone()).or_insert(0);
+                    *n += 1;
+                    tracing::warn!(gateway = %gw, error = %e, attempt = *n, "Update failed.");
+                    if *n >= MAX_ATTEMPTS {
+                        let detail = format!("update failed {n} times: {e}");
+                        let body = serde_json::to_vec(&ack(false, Some(detail.clone())))?;
+                        client
+                            .publish(topics.knowledge_ack(), QoS::AtLeastOnce, false, body)
+                            .await?;
+                        worker.remember(&k_id, &detail);
+                    }
                     continue;
                 }
             };
@@ -458,15 +481,7 @@ pub async fn run(args: ServeArgs, shutdown: CancellationToken) -> Result<Vec<Upd
                 .await?;
             reports.push(report);
             if args.max_packages.is_some_and(|m| reports.len() >= m) {
-                // Let the last publications leave before disconnecting.
-                let deadline = Instant::now() + Duration::from_secs(3);
-                let _ = client.disconnect().await;
-                while Instant::now() < deadline {
-                    match tokio::time::timeout(Duration::from_millis(500), events.poll()).await {
-                        Ok(Ok(_)) => {}
-                        _ => break,
-                    }
-                }
+                flush(&client, &mut events).await;
                 break;
             }
         }
@@ -474,7 +489,22 @@ pub async fn run(args: ServeArgs, shutdown: CancellationToken) -> Result<Vec<Upd
     Ok(reports)
 }
 
+/// Lets the publications queued in `client` leave, then disconnects (at most 3 s).
+async fn flush(client: &AsyncClient, events: &mut rumqttc::EventLoop) {
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let _ = client.disconnect().await;
+    while Instant::now() < deadline {
+        match tokio::time::timeout(Duration::from_millis(500), events.poll()).await {
+            Ok(Ok(_)) => {}
+            _ => break,
+        }
+    }
+}
+
 type Processed = Result<(UpdateReport, Option<PathBuf>)>;
+
+/// Failed updates of one package on this worker before it is refused for good.
+const MAX_ATTEMPTS: u32 = 3;
 
 /// Runs the update on a blocking thread while polling the event loop (so the connection stays
 /// alive; packages arriving meanwhile wait in the broker's queue for the next poll).
@@ -487,7 +517,11 @@ async fn run_blocking(
     shutdown: &CancellationToken,
 ) -> Result<(Worker, Processed)> {
     let mut task = tokio::task::spawn_blocking(move || {
-        let r = worker.process(&gw, &k, bytes);
+        // A panic in the update fails this package, not the worker.
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            worker.process(&gw, &k, bytes)
+        }))
+        .unwrap_or_else(|_| Err(anyhow::anyhow!("the update panicked")));
         (worker, r)
     });
     let mut held = Vec::new();

@@ -195,8 +195,15 @@ pub fn adapt_and_extract(
     })
 }
 
-/// Longest lease a worker's receipt may ask for (1 hour).
+/// Longest a package is held back by leases, however many receipts extend them (1 hour).
 const MAX_LEASE_S: u64 = 3600;
+
+/// A package held back: since `first` (its first lease), until `until`.
+#[derive(Debug, Clone, Copy)]
+struct Lease {
+    first: std::time::Instant,
+    until: std::time::Instant,
+}
 
 /// The gateway's learner: starts adaptations, keeps the outbox moving.
 pub struct Learner {
@@ -211,7 +218,7 @@ pub struct Learner {
     wake: Notify,
     metrics: Arc<Metrics>,
     /// Packages a worker has taken (a receipt with `lease_s`): held back until then.
-    leases: std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
+    leases: std::sync::Mutex<std::collections::HashMap<String, Lease>>,
 }
 
 impl std::fmt::Debug for Learner {
@@ -380,13 +387,24 @@ impl Learner {
             }
         };
         if let Some(lease) = ack.lease_s {
-            // Bounded, so a bogus lease cannot hold a package back for ever.
-            let secs = lease.min(MAX_LEASE_S);
-            let until = std::time::Instant::now() + Duration::from_secs(secs);
-            if let Ok(mut leases) = self.leases.lock() {
-                leases.insert(ack.package_id.clone(), until);
+            // Only for a package still waiting here, and at most MAX_LEASE_S from its first
+            // lease however often it is renewed: a bogus receipt can neither grow the table nor
+            // hold a package back for ever.
+            let pending = self
+                .outbox
+                .pending()
+                .is_ok_and(|p| p.iter().any(|p| p.id == ack.package_id));
+            if !pending {
+                return;
             }
-            tracing::info!(package_id = %ack.package_id, lease_s = secs, "A cloud worker took a knowledge package.");
+            let now = std::time::Instant::now();
+            if let Ok(mut leases) = self.leases.lock() {
+                let first = leases.get(&ack.package_id).map_or(now, |l| l.first);
+                let until = (now + Duration::from_secs(lease))
+                    .min(first + Duration::from_secs(MAX_LEASE_S));
+                leases.insert(ack.package_id.clone(), Lease { first, until });
+            }
+            tracing::info!(package_id = %ack.package_id, lease_s = lease, "A cloud worker took a knowledge package.");
             return;
         }
         if let Ok(mut leases) = self.leases.lock() {
@@ -480,10 +498,18 @@ impl Learner {
                 match self.outbox.pending() {
                     Ok(pending) => {
                         let now = std::time::Instant::now();
+                        if let Ok(mut leases) = self.leases.lock() {
+                            leases.retain(|id, l| {
+                                // Active, or kept (for its first time) while the package waits.
+                                l.until > now
+                                    || ((now - l.first).as_secs() < MAX_LEASE_S
+                                        && pending.iter().any(|p| p.id == *id))
+                            });
+                        }
                         let leased = |id: &str| {
                             self.leases
                                 .lock()
-                                .is_ok_and(|l| l.get(id).is_some_and(|until| *until > now))
+                                .is_ok_and(|l| l.get(id).is_some_and(|l| l.until > now))
                         };
                         for p in pending.into_iter().filter(|p| !leased(&p.id)) {
                             if publisher

@@ -15,7 +15,8 @@ use half::f16;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use tokio_util::sync::CancellationToken;
 
-use crate::{available, repo_root, Mosquitto};
+use crate::{available, free_port, repo_root, Mosquitto};
+use diredi_gateway::Config;
 
 type Captured = Arc<Mutex<Vec<(String, Vec<u8>)>>>;
 
@@ -99,43 +100,64 @@ fn leaks(payload: &[u8], needles: &HashSet<Vec<u8>>) -> Option<usize> {
         .find_map(|n| payload.windows(n).position(|w| needles.contains(w)))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_cycle_installs_a_better_model_and_nothing_private_leaves_the_gateway() {
-    let root = repo_root();
-    let model = root.join("onnx-models/hapt-student-v1.json");
-    let data = root.join("data/hapt");
-    let ort = diredi_infer::init_runtime(None).is_ok();
-    if !available("ONNX Runtime", ort)
-        || !available("data/hapt", data.join("dataset.json").is_file())
-        || !available("the shipped model", model.is_file())
-    {
-        return;
+/// The shipped model, the data, a folder and the cloud worker's key for one cycle test.
+struct Setup {
+    root: std::path::PathBuf,
+    model: std::path::PathBuf,
+    data: std::path::PathBuf,
+    dir: tempfile::TempDir,
+    key_path: std::path::PathBuf,
+    key: diredi_protocol::manifest::SigningKey,
+}
+
+impl Setup {
+    /// `None` (the test skips) when ONNX Runtime, the data or the model is missing.
+    fn new() -> Option<Self> {
+        let root = repo_root();
+        let model = root.join("onnx-models/hapt-student-v1.json");
+        let data = root.join("data/hapt");
+        let ort = diredi_infer::init_runtime(None).is_ok();
+        if !available("ONNX Runtime", ort)
+            || !available("data/hapt", data.join("dataset.json").is_file())
+            || !available("the shipped model", model.is_file())
+        {
+            return None;
+        }
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
+        let dir = tempfile::tempdir().unwrap();
+        let key_path = dir.path().join("worker.key");
+        let key = diredi_cloud_worker::keys::load_or_generate(&key_path).unwrap();
+        Some(Setup {
+            root,
+            model,
+            data,
+            dir,
+            key_path,
+            key,
+        })
     }
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_test_writer()
-        .try_init();
-    let dir = tempfile::tempdir().unwrap();
-    let key_path = dir.path().join("worker.key");
-    let key = diredi_cloud_worker::keys::load_or_generate(&key_path).unwrap();
-    let shipped_key = std::fs::read_to_string(root.join("onnx-models/publisher.pub")).unwrap();
-    let local = Mosquitto::start();
-    let cloud = Mosquitto::start();
-    let (local_seen, local_task) = capture(local.port, "local").await;
-    let (cloud_seen, cloud_task) = capture(cloud.port, "cloud").await;
-    let gw_toml = format!(
-        r#"
+
+    /// Gateway `id` on the broker at `port` (its embedded one, or an external one), with an
+    /// uplink to `uplink` when given; it trusts the shipped key and the worker's.
+    fn gateway(&self, id: &str, port: u16, embedded: bool, uplink: Option<u16>) -> Config {
+        let shipped_key =
+            std::fs::read_to_string(self.root.join("onnx-models/publisher.pub")).unwrap();
+        let uplink = uplink.map_or(String::new(), |p| {
+            format!("[uplink]\nenabled = true\nhost = \"127.0.0.1\"\nport = {p}\n")
+        });
+        let toml = format!(
+            r#"
 [gateway]
-id = "e2e"
+id = "{id}"
 log_level = "warn"
 [broker]
-enabled = false
+enabled = {embedded}
 [mqtt]
-port = {}
-[uplink]
-enabled = true
-host = "127.0.0.1"
-port = {}
+port = {port}
+{uplink}
 [model]
 path = "{}"
 trusted_keys = ["{}", "{}"]
@@ -147,56 +169,72 @@ interval_s = 0.5
 state_dir = "{}"
 serve_adapted = true
 "#,
-        local.port,
-        cloud.port,
-        model.display(),
-        shipped_key.trim(),
-        key.public().to_base64(),
-        dir.path().join("gateway-state").display(),
-    );
-    let config = diredi_gateway::config::from_toml(&gw_toml, dir.path()).unwrap();
-    let stop = CancellationToken::new();
-    let gateway = tokio::spawn(diredi_gateway::run(config, stop.clone()));
+            self.model.display(),
+            shipped_key.trim(),
+            self.key.public().to_base64(),
+            self.dir.path().join(format!("{id}-state")).display(),
+        );
+        diredi_gateway::config::from_toml(&toml, self.dir.path()).unwrap()
+    }
 
-    // A quick update: the full settings are the benchmark's business.
-    let serve_args = ServeArgs {
-        host: "127.0.0.1".into(),
-        port: cloud.port,
-        group: "e2e".into(),
-        dataset: data.clone(),
-        split: root.join("cloud-worker/splits/hapt.toml"),
-        teacher: root.join("onnx-models/hapt-teacher-v1.safetensors"),
-        model: model.clone(),
-        key: key_path,
-        state_dir: dir.path().join("cloud-state"),
-        chunk_size: 16 * 1024,
-        update_json: Some(
-            r#"{"teacher_epochs": 1, "student_epochs": 2, "teacher_presumed_windows": 600,
-                "teacher_agree_windows": 600, "student_pool_windows": 1500}"#
-                .into(),
-        ),
-        max_packages: Some(1),
-        ca_file: None,
-        cert_file: None,
-        key_file: None,
-        lease_s: 600,
-    };
-    let worker = tokio::spawn(serve::run(serve_args, stop.clone()));
-
-    let report = cycle_demo::run(
-        &CycleArgs {
-            dataset: data,
-            split: root.join("cloud-worker/splits/hapt.toml"),
-            subject: "2".into(),
-            gateway: "e2e".into(),
+    /// A cloud worker on `port` with a quick update (the full settings are the benchmark's
+    /// business), its own state folder `state`, and a lease of `lease_s`.
+    fn worker(&self, port: u16, state: &str, lease_s: u64) -> ServeArgs {
+        ServeArgs {
             host: "127.0.0.1".into(),
-            port: local.port,
+            port,
+            group: "e2e".into(),
+            dataset: self.data.clone(),
+            split: self.root.join("cloud-worker/splits/hapt.toml"),
+            teacher: self.root.join("onnx-models/hapt-teacher-v1.safetensors"),
+            model: self.model.clone(),
+            key: self.key_path.clone(),
+            state_dir: self.dir.path().join(state),
+            chunk_size: 16 * 1024,
+            update_json: Some(
+                r#"{"teacher_epochs": 1, "student_epochs": 2, "teacher_presumed_windows": 600,
+                    "teacher_agree_windows": 600, "student_pool_windows": 1500}"#
+                    .into(),
+            ),
+            max_packages: Some(1),
+            ca_file: None,
+            cert_file: None,
+            key_file: None,
+            die_after_lease: false,
+            lease_s,
+        }
+    }
+
+    /// HAPT user 2 on gateway `id`, through the broker at `port`.
+    fn cycle(&self, id: &str, port: u16) -> CycleArgs {
+        CycleArgs {
+            dataset: self.data.clone(),
+            split: self.root.join("cloud-worker/splits/hapt.toml"),
+            subject: "2".into(),
+            gateway: id.into(),
+            host: "127.0.0.1".into(),
+            port,
             wait_s: 400,
-        },
-        stop.clone(),
-    )
-    .await
-    .unwrap();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cycle_installs_a_better_model_and_nothing_private_leaves_the_gateway() {
+    let Some(s) = Setup::new() else {
+        return;
+    };
+    let local = Mosquitto::start();
+    let cloud = Mosquitto::start();
+    let (local_seen, local_task) = capture(local.port, "local").await;
+    let (cloud_seen, cloud_task) = capture(cloud.port, "cloud").await;
+    let stop = CancellationToken::new();
+    let config = s.gateway("e2e", local.port, false, Some(cloud.port));
+    let gateway = tokio::spawn(diredi_gateway::run(config, stop.clone()));
+    let worker = tokio::spawn(serve::run(s.worker(cloud.port, "cloud", 600), stop.clone()));
+    let report = cycle_demo::run(&s.cycle("e2e", local.port), stop.clone())
+        .await
+        .unwrap();
     let updates = worker.await.unwrap().unwrap();
     stop.cancel();
     gateway.await.unwrap().unwrap();
@@ -327,4 +365,94 @@ serve_adapted = true
     let (raw, _) = &report.exclusive[0];
     let planted: Vec<u8> = raw[10..14].iter().flat_map(|x| x.to_le_bytes()).collect();
     assert!(leaks(&planted, &needles).is_some());
+}
+
+/// A cloud worker killed mid-update (issue 6 §2): worker A takes the package (its lease
+/// receipt) and stops at once (`--die-after-lease`, as if killed); worker B, started afterwards
+/// in the same shared-subscription group, gets the package once A's lease has ended, and the
+/// gateway installs exactly one new model.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_mid_update_leaves_the_package_to_another_and_one_model_is_installed() {
+    let Some(s) = Setup::new() else {
+        return;
+    };
+    let port = free_port();
+    let stop = CancellationToken::new();
+    let gateway = tokio::spawn(diredi_gateway::run(
+        s.gateway("kill", port, true, None),
+        stop.clone(),
+    ));
+    let (seen, watch) = capture(port, "watch").await;
+    let knowledge_sent = || {
+        seen.lock()
+            .unwrap()
+            .iter()
+            .filter(|(t, _)| t == "diredi/v1/kill/knowledge")
+            .count()
+    };
+    let a_args = ServeArgs {
+        die_after_lease: true,
+        ..s.worker(port, "cloud-a", 40)
+    };
+    let a = tokio::spawn(serve::run(a_args, CancellationToken::new()));
+    let args = s.cycle("kill", port);
+    let cycle_stop = stop.clone();
+    let cycle = tokio::spawn(async move { cycle_demo::run(&args, cycle_stop).await });
+
+    // Worker A takes the package (its lease receipt) and is gone before any update.
+    let a_end = tokio::time::timeout(Duration::from_secs(300), a)
+        .await
+        .expect("worker A took a package")
+        .unwrap();
+    let leased = std::time::Instant::now();
+    let err = a_end.expect_err("worker A died after its lease");
+    assert!(err.to_string().contains("die-after-lease"), "{err}");
+    let sent_before = knowledge_sent();
+    assert!(sent_before >= 1);
+    let b = tokio::spawn(serve::run(s.worker(port, "cloud-b", 600), stop.clone()));
+
+    // The package is held back during A's 40 s lease, then sent again (and B takes it).
+    let resent = async {
+        while knowledge_sent() == sent_before {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        leased.elapsed()
+    };
+    let after = tokio::time::timeout(Duration::from_secs(120), resent)
+        .await
+        .expect("sent again after the lease");
+    assert!(
+        after >= Duration::from_secs(35),
+        "resent {after:?} after the lease"
+    );
+
+    let report = cycle.await.unwrap().unwrap();
+    let updates = tokio::time::timeout(Duration::from_secs(60), b)
+        .await
+        .expect("worker B ends after its package")
+        .unwrap()
+        .unwrap();
+    stop.cancel();
+    gateway.await.unwrap().unwrap();
+    watch.abort();
+    assert_eq!(
+        report.version_after,
+        report.version_before + 1,
+        "{report:?}"
+    );
+    assert_eq!(updates.len(), 1, "worker B did the update");
+    let seen = seen.lock().unwrap();
+    let announcements: Vec<_> = seen
+        .iter()
+        .filter(|(t, p)| t == "diredi/v1/kill/model" && !p.is_empty())
+        .collect();
+    assert_eq!(announcements.len(), 1, "exactly one model dispatched");
+    let committed: BTreeSet<u64> = seen
+        .iter()
+        .filter(|(t, _)| t == "diredi/v1/kill/status")
+        .filter_map(|(_, p)| serde_json::from_slice::<serde_json::Value>(p).ok())
+        .filter(|v| v["install"]["state"] == "committed")
+        .filter_map(|v| v["install"]["version"].as_u64())
+        .collect();
+    assert_eq!(committed, BTreeSet::from([report.version_after]));
 }

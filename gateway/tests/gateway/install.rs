@@ -60,14 +60,11 @@ async fn served_version(obs: &mut Observer, spec: &Spec, sensor: &str) -> u64 {
     got[0].json()["model_version"].as_u64().unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn dispatched_models_are_verified_smoke_run_installed_or_rejected_and_rolled_back() {
-    if !ort_available() && skip("ONNX Runtime") {
-        return;
-    }
-    let spec = Spec::small();
+/// A gateway serving the tiny ONNX model as v7, with a state directory of its own, and an
+/// observer of every topic of it. The folder holds the model files.
+async fn v7_gateway(spec: &Spec) -> (tempfile::TempDir, std::path::PathBuf, Running, Observer) {
     let dir = tempfile::tempdir().unwrap();
-    let manifest = write_onnx_model(dir.path(), &spec); // v7
+    let manifest = write_onnx_model(dir.path(), spec); // v7
     let port = free_port();
     let mut table = config_table(port, true, Some(&manifest));
     let state = state_dir();
@@ -79,7 +76,17 @@ async fn dispatched_models_are_verified_smoke_run_installed_or_rejected_and_roll
     );
     let gw = Running::start(compile(&table), None);
     gw.ready().await;
-    let mut obs = Observer::connect(port, &format!("diredi/v1/{GW}/#")).await;
+    let obs = Observer::connect(port, &format!("diredi/v1/{GW}/#")).await;
+    (dir, state, gw, obs)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dispatched_models_are_verified_smoke_run_installed_or_rejected_and_rolled_back() {
+    if !ort_available() && skip("ONNX Runtime") {
+        return;
+    }
+    let spec = Spec::small();
+    let (_dir, state, gw, mut obs) = v7_gateway(&spec).await;
     let onnx = mean_argmax(spec.channels.len(), spec.window);
     let file = |v: u64, bytes: &[u8]| vec![(format!("model-v{v}.onnx"), bytes.to_vec())];
     let signed = |v: u64, bytes: &[u8], key: &SigningKey| {
@@ -239,19 +246,7 @@ async fn transfers_out_of_order_duplicated_oversized_or_overlong_are_handled() {
         return;
     }
     let spec = Spec::small();
-    let dir = tempfile::tempdir().unwrap();
-    let manifest = write_onnx_model(dir.path(), &spec); // v7
-    let port = free_port();
-    let mut table = config_table(port, true, Some(&manifest));
-    set(
-        &mut table,
-        "learning",
-        "state_dir",
-        state_dir().display().to_string(),
-    );
-    let gw = Running::start(compile(&table), None);
-    gw.ready().await;
-    let mut obs = Observer::connect(port, &format!("diredi/v1/{GW}/#")).await;
+    let (_dir, _state, gw, mut obs) = v7_gateway(&spec).await;
     let model_topic = format!("diredi/v1/{GW}/model");
     let onnx = mean_argmax(spec.channels.len(), spec.window);
     let build = |v: u64| {

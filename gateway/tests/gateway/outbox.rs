@@ -205,12 +205,12 @@ async fn a_package_whose_worker_died_goes_to_another_worker_when_the_lease_ends(
         })
         .await
         .expect("the final receipt ends it");
-    assert!(
-        second
-            .next_on("/knowledge", Duration::from_millis(1500))
-            .await
-            .is_none(),
-        "not sent after the final receipt"
-    );
+    second
+        .assert_silent(
+            "/knowledge",
+            Duration::from_millis(1500),
+            "not sent after the final receipt",
+        )
+        .await;
     gw.stop().await.unwrap();
 }

@@ -289,7 +289,8 @@ async fn kill_9_at_every_install_step_leaves_an_intact_model_and_the_install_com
         let died = tokio::task::block_in_place(|| gw.wait(WAIT));
         let died = died.unwrap_or_else(|| panic!("{step}: still running; log:\n{}", gw.log()));
         assert!(!died.success(), "{step}: {died}");
-        assert!(gw.log().contains(step), "{step}: {}", gw.log());
+        let line = format!("the process dies at install step {step}\n");
+        assert!(gw.log().contains(&line), "{step}: {}", gw.log());
         drop(obs);
 
         let restarted = setup.start(setup.gateway());

@@ -22,6 +22,8 @@ const T0: i64 = 1_700_000_000_000;
 const OTHER_GW: &str = "gw-other";
 const WORKER: &str = "diredi-cloud-worker";
 const MONITOR: &str = "diredi-monitor";
+/// A sensor of [`GW`] publishing on the fleet broker, with its own ACL block.
+const SENSOR: &str = "sensor-gw-test";
 
 /// A CA and certificates for `clients`, made by the project's script, in a fresh folder.
 fn make_ca(clients: &[&str]) -> tempfile::TempDir {
@@ -99,7 +101,13 @@ async fn v5_publish(port: u16, tls: &Tls, topic: &str) -> rumqttc::v5::mqttbytes
 /// The shipped Mosquitto configuration with its paths in `ca` and its listener on `port`.
 fn mosquitto_conf(ca: &Path, port: u16) -> String {
     let root = repo_root().join("broker-config/mosquitto");
-    std::fs::copy(root.join("acl"), ca.join("acl")).unwrap();
+    // The shipped ACL, plus the block the ACL's comment says a sensor of the fleet broker gets.
+    let acl = std::fs::read_to_string(root.join("acl")).unwrap();
+    std::fs::write(
+        ca.join("acl"),
+        format!("{acl}\nuser {SENSOR}\ntopic write diredi/v1/{GW}/sensor/#\n"),
+    )
+    .unwrap();
     let text = std::fs::read_to_string(root.join("diredi.conf")).unwrap();
     assert!(
         text.contains("\nlistener 8883\n"),
@@ -128,9 +136,9 @@ fn gateway_table(port: u16, embedded: bool, ca: &Path) -> toml::Table {
     t
 }
 
-/// A window's worth of samples from `sensor` (sent with [`GW`]'s certificate) is served: its
-/// inference reaches a reader with the certificate of `reader`.
-async fn serves(port: u16, ca: &Path, sensor: &str, reader: &str) {
+/// A window's worth of samples from `sensor` (sent with the certificate of `sender`) is served:
+/// its inference reaches a reader with the certificate of `reader`.
+async fn serves(port: u16, ca: &Path, sensor: &str, sender: &str, reader: &str) {
     let spec = Spec::small();
     let mut obs = Observer::connect_with(
         options(port, &tls(ca, Some(reader))),
@@ -138,7 +146,7 @@ async fn serves(port: u16, ca: &Path, sensor: &str, reader: &str) {
     )
     .await;
     let sender = Observer::connect_with(
-        options(port, &tls(ca, Some(GW))),
+        options(port, &tls(ca, Some(sender))),
         &format!("diredi/v1/{GW}/command"),
     )
     .await;
@@ -155,7 +163,7 @@ async fn serves(port: u16, ca: &Path, sensor: &str, reader: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mosquitto_with_the_shipped_tls_and_acls_admits_only_certified_clients_in_their_lane() {
-    let ca = make_ca(&[GW, OTHER_GW, WORKER, MONITOR]);
+    let ca = make_ca(&[GW, OTHER_GW, WORKER, MONITOR, SENSOR]);
     let rogue = make_ca(&[GW]);
     let ca_dir = ca.path();
     let port = free_port();
@@ -214,27 +222,16 @@ async fn mosquitto_with_the_shipped_tls_and_acls_admits_only_certified_clients_i
     // both went through the broker before we look.
     let first = monitor.next_on("", WAIT).await.unwrap();
     assert_eq!(first.topic, format!("diredi/v1/{OTHER_GW}/status"));
-    assert!(
-        snoop_all
-            .next_on("", Duration::from_millis(500))
-            .await
-            .is_none(),
-        "a gateway reads no knowledge"
-    );
-    assert!(
-        snoop_other
-            .next_on("", Duration::from_millis(200))
-            .await
-            .is_none(),
-        "a gateway reads nothing of another gateway"
-    );
-    assert!(
-        monitor
-            .next_on("/knowledge", Duration::from_millis(200))
-            .await
-            .is_none(),
-        "monitoring reads no knowledge"
-    );
+    let ms = Duration::from_millis;
+    snoop_all
+        .assert_silent("", ms(500), "a gateway reads no knowledge")
+        .await;
+    snoop_other
+        .assert_silent("", ms(200), "a gateway reads nothing of another gateway")
+        .await;
+    monitor
+        .assert_silent("/knowledge", ms(200), "monitoring reads no knowledge")
+        .await;
 
     // Writing: a gateway only under its own prefix; the worker writes models.
     use rumqttc::v5::mqttbytes::v5::PubAckReason;
@@ -242,6 +239,9 @@ async fn mosquitto_with_the_shipped_tls_and_acls_admits_only_certified_clients_i
     for topic in [
         format!("diredi/v1/{OTHER_GW}/status"),
         format!("diredi/v1/{OTHER_GW}/model"),
+        format!("diredi/v1/{GW}/model"),
+        format!("diredi/v1/{GW}/knowledge/ack"),
+        format!("diredi/v1/{GW}/sensor/x"),
         "diredi/v1/fleet/model".to_string(),
         "elsewhere".to_string(),
     ] {
@@ -278,7 +278,7 @@ async fn mosquitto_with_the_shipped_tls_and_acls_admits_only_certified_clients_i
         Some(fake_model(&Spec::small())),
     );
     gw.ready().await;
-    serves(port, ca_dir, "imu-0", MONITOR).await;
+    serves(port, ca_dir, "imu-0", SENSOR, MONITOR).await;
     gw.stop().await.unwrap();
 }
 
@@ -313,7 +313,7 @@ async fn the_embedded_broker_with_mutual_tls_admits_only_certified_clients() {
         !accepted(options(port, &rogue_tls)).await,
         "a certificate of another CA refused"
     );
-    serves(port, ca_dir, "imu-1", GW).await;
+    serves(port, ca_dir, "imu-1", GW, GW).await;
 
     // A TLS listener whose files are missing is refused at start, not left half-working.
     let mut broken = table.clone();

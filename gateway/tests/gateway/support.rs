@@ -227,6 +227,13 @@ impl Observer {
         }
     }
 
+    /// Panics with `why` if a message on `suffix` arrives within `wait`.
+    pub async fn assert_silent(&mut self, suffix: &str, wait: Duration, why: &str) {
+        if let Some(m) = self.next_on(suffix, wait).await {
+            panic!("{why}: got a message on {}", m.topic);
+        }
+    }
+
     /// A message already received, without waiting.
     pub fn try_next(&mut self) -> Option<Msg> {
         self.rx.try_recv().ok()
