@@ -320,3 +320,75 @@ async fn kill_9_at_every_install_step_leaves_an_intact_model_and_the_install_com
         drop(restarted);
     }
 }
+
+/// The host's wall clock jumps back an hour, then forward a day, under the running gateway
+/// binary (libfaketime, monotonic clock left alone): it keeps serving throughout, and its own
+/// reports follow the new wall clock (the jumps did reach it). Needs libfaketime
+/// (`apt-get install libfaketime`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_clock_jumps_backwards_and_forwards_do_not_stop_serving() {
+    if !ort_available() && skip("ONNX Runtime") {
+        return;
+    }
+    let lib = ["x86_64-linux-gnu", "aarch64-linux-gnu"]
+        .iter()
+        .map(|a| PathBuf::from(format!("/usr/lib/{a}/faketime/libfaketimeMT.so.1")))
+        .find(|p| p.is_file());
+    let Some(lib) = lib else {
+        if skip("libfaketime (apt-get install libfaketime)") {
+            return;
+        }
+        unreachable!();
+    };
+    let spec = Spec::small();
+    let mosquitto = Mosquitto::start();
+    let setup = Setup::new(mosquitto.port, |_| {});
+    let offset = setup.dir.path().join("faketime");
+    std::fs::write(&offset, "+0\n").unwrap();
+    let mut cmd = setup.gateway();
+    cmd.env("LD_PRELOAD", &lib)
+        .env("FAKETIME_TIMESTAMP_FILE", &offset)
+        .env("FAKETIME_CACHE_DURATION", "1")
+        .env("FAKETIME_DONT_FAKE_MONOTONIC", "1");
+    let gw = setup.start(cmd);
+    let mut obs = online(mosquitto.port).await;
+    let c = spec.channels.len();
+    let now_ms = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64
+    };
+    let hour = 3_600_000i64;
+    for (i, (spec_line, shift)) in [("+0", 0), ("-1h", -hour), ("+1d", 24 * hour)]
+        .into_iter()
+        .enumerate()
+    {
+        std::fs::write(&offset, format!("{spec_line}\n")).unwrap();
+        // The gateway's metrics carry its wall clock: wait until they show the jump.
+        let want = now_ms() + shift;
+        obs.next_json("/metrics", WAIT, |v| {
+            v["ts"]
+                .as_i64()
+                .is_some_and(|ts| (ts - want).abs() < 60_000)
+        })
+        .await
+        .unwrap_or_else(|| panic!("clock {spec_line} reached the gateway; log:\n{}", gw.log()));
+        // And it serves: a new window gets its result.
+        let from = 1000 * (i + 1);
+        let ts = T0 + from as i64 * spec.period_ms();
+        obs.sensor(
+            "s",
+            encode_json(Some(ts), &rows(from, spec.window, &spec), c),
+        )
+        .await;
+        let got = obs.collect("/inference/s", 1, WAIT).await;
+        assert_eq!(
+            got.len(),
+            1,
+            "served at clock {spec_line}; log:\n{}",
+            gw.log()
+        );
+    }
+    drop(gw);
+}
