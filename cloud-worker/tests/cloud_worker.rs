@@ -35,6 +35,16 @@ pub fn available(what: &str, found: bool) -> bool {
     false
 }
 
+/// The heavy tests of this binary (the two full cycles and the performance harness) take
+/// turns: run side by side on a 2-core machine they starve the gateways they test, whose
+/// bounded queues then drop windows by design.
+pub fn heavy_turn() -> std::sync::MutexGuard<'static, ()> {
+    static HEAVY: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    HEAVY
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// A free TCP port on 127.0.0.1.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

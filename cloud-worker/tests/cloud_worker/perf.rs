@@ -21,6 +21,7 @@ fn mosquitto() -> Option<PathBuf> {
 
 #[test]
 fn perf_run_on_a_small_load_writes_well_formed_results_and_loses_no_window() {
+    let _turn = crate::heavy_turn();
     let root = repo_root();
     let bin = PathBuf::from(env!("CARGO_BIN_EXE_diredi-cloud-worker"));
     let gateway = bin.with_file_name("diredi-gateway");
