@@ -63,6 +63,22 @@ async fn accepted(opts: MqttOptions) -> bool {
     matches!(first, Ok(Ok(Event::Incoming(Packet::ConnAck(ref a)))) if a.code == rumqttc::ConnectReturnCode::Success)
 }
 
+/// Plain TCP, TLS without a client certificate, and a certificate of the CA in `rogue` are
+/// all refused by the broker on `port` (whose CA is in `ca`).
+async fn refuses_strangers(port: u16, ca: &Path, rogue: &Path) {
+    assert!(!accepted(observer_options(port)).await, "plain TCP refused");
+    assert!(
+        !accepted(options(port, &tls(ca, None))).await,
+        "TLS without a client certificate refused"
+    );
+    let mut rogue_tls = tls(rogue, Some(GW));
+    rogue_tls.ca_file = Some(ca.join("ca.pem"));
+    assert!(
+        !accepted(options(port, &rogue_tls)).await,
+        "a certificate of another CA refused"
+    );
+}
+
 /// The result of one QoS 1 publish over MQTT 5 (Mosquitto answers a refused one with
 /// "not authorized" in the PUBACK; MQTT 3.1.1 has no way to say so and drops it silently).
 async fn v5_publish(port: u16, tls: &Tls, topic: &str) -> rumqttc::v5::mqttbytes::v5::PubAckReason {
@@ -170,17 +186,7 @@ async fn mosquitto_with_the_shipped_tls_and_acls_admits_only_certified_clients_i
     let _broker = Mosquitto::start_conf(port, &mosquitto_conf(ca_dir, port));
 
     // Who may connect: only clients with a certificate of this CA.
-    assert!(!accepted(observer_options(port)).await, "plain TCP refused");
-    assert!(
-        !accepted(options(port, &tls(ca_dir, None))).await,
-        "TLS without a client certificate refused"
-    );
-    let mut rogue_tls = tls(rogue.path(), Some(GW));
-    rogue_tls.ca_file = Some(ca_dir.join("ca.pem"));
-    assert!(
-        !accepted(options(port, &rogue_tls)).await,
-        "a certificate of another CA refused"
-    );
+    refuses_strangers(port, ca_dir, rogue.path()).await;
     assert!(accepted(options(port, &tls(ca_dir, Some(GW)))).await);
 
     // Reading: the worker gets knowledge through its shared subscription; a gateway and the
@@ -302,17 +308,7 @@ async fn the_embedded_broker_with_mutual_tls_admits_only_certified_clients() {
     let gw = Running::start(compile(&table), Some(fake_model(&Spec::small())));
     gw.ready().await;
 
-    assert!(!accepted(observer_options(port)).await, "plain TCP refused");
-    assert!(
-        !accepted(options(port, &tls(ca_dir, None))).await,
-        "TLS without a client certificate refused"
-    );
-    let mut rogue_tls = tls(rogue.path(), Some(GW));
-    rogue_tls.ca_file = Some(ca_dir.join("ca.pem"));
-    assert!(
-        !accepted(options(port, &rogue_tls)).await,
-        "a certificate of another CA refused"
-    );
+    refuses_strangers(port, ca_dir, rogue.path()).await;
     serves(port, ca_dir, "imu-1", GW, GW).await;
 
     // A TLS listener whose files are missing is refused at start, not left half-working.
