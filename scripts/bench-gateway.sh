@@ -2,9 +2,16 @@
 # The gateway's performance benchmark in one command (see BENCHMARKS.md): builds the workspace,
 # provisions ONNX Runtime, the HAPT data and the Python gateway's venv (third_party/pyenv, from
 # bench/requirements.txt), then runs `diredi-cloud-worker perf run` and writes
-# out/perf/perf.{json,md,svg}. Extra arguments go to `perf run` (for example `--sensors 32`,
-# `--format json`, `--targets rust-embedded,python-mosquitto`); `--release` as the first
-# argument builds and measures the release profile instead of the dev profile.
+# out/perf/perf.{json,md,svg}.
+#
+# usage: scripts/bench-gateway.sh [--release | --release-gateway] [--sweep] [PERF-ARGS...]
+#   --release          build and measure everything in the release profile (default: dev)
+#   --release-gateway  only the measured gateway binary in the release profile (what a board
+#                      runs); the harness, the load generator and the references stay dev
+#   --sweep            the scaling curves (`perf sweep`: sensors, ONNX Runtime threads, workers,
+#                      micro-batch, payload format) instead, into out/perf/sweep.{json,md,svg}
+# Extra arguments go to `perf run` / `perf sweep` (for example `--sensors 32`, `--format json`,
+# `--targets rust-embedded,python-mosquitto`, `--curves sensors`).
 # Needs Debian's mosquitto (apt-get install -y mosquitto), Python 3 with venv, and PyPI access
 # the first time.
 set -euo pipefail
@@ -13,11 +20,17 @@ cd "$root"
 
 profile=debug
 cargo_profile=()
-if [[ "${1:-}" == "--release" ]]; then
-  profile=release
-  cargo_profile=(--release)
+gateway_release=0
+sweep=0
+while (($#)); do
+  case "$1" in
+    --release) profile=release; cargo_profile=(--release) ;;
+    --release-gateway) gateway_release=1 ;;
+    --sweep) sweep=1 ;;
+    *) break ;;
+  esac
   shift
-fi
+done
 
 if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
   echo "mosquitto is missing: install it with 'apt-get install -y mosquitto'" >&2
@@ -38,8 +51,20 @@ if ! "$venv/bin/python" -c 'import paho.mqtt, onnxruntime, numpy' >/dev/null 2>&
 fi
 
 cargo build --workspace "${cargo_profile[@]}"
+gateway=()
+if ((gateway_release)); then
+  cargo build --release -p diredi-gateway
+  gateway=(--gateway-bin "$root/target/release/diredi-gateway")
+fi
 mkdir -p out/perf
-"target/$profile/diredi-cloud-worker" perf run \
+if ((sweep)); then
+  "target/$profile/diredi-cloud-worker" perf sweep "${gateway[@]}" --targets rust-mosquitto \
+    --max-seconds 5 --seconds 5 \
+    --json out/perf/sweep.json --report out/perf/sweep.md --plot out/perf/sweep.svg "$@"
+  echo "wrote out/perf/sweep.json, out/perf/sweep.md, out/perf/sweep.svg" >&2
+  exit 0
+fi
+"target/$profile/diredi-cloud-worker" perf run "${gateway[@]}" \
   --python "$venv/bin/python" \
   --json out/perf/perf.json --report out/perf/perf.md --plot out/perf/perf.svg "$@"
 echo "wrote out/perf/perf.json, out/perf/perf.md, out/perf/perf.svg" >&2

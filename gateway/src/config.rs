@@ -1329,8 +1329,9 @@ pub fn preflight(cfg: &Config) -> Vec<Problem> {
             c.problem(
                 "runtime.library",
                 format!(
-                    "{} does not exist; expected an ONNX Runtime shared library",
-                    lib.display()
+                    "{} does not exist; expected an ONNX Runtime shared library: {}",
+                    lib.display(),
+                    diredi_infer::ORT_FETCH_HINT
                 ),
             );
         }

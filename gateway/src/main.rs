@@ -36,7 +36,13 @@ enum Command {
     /// Run the gateway (the default).
     Run,
     /// Check the configuration and the model it names; print every problem.
-    Validate,
+    Validate {
+        /// Also load the model into ONNX Runtime on this machine and run it on its probe
+        /// windows (the install smoke run): checks the library, the CPU and the model
+        /// together, for example on a new board or under an emulator.
+        #[arg(long)]
+        smoke: bool,
+    },
     /// Print the compiled-in default configuration.
     PrintDefaultConfig,
     /// Label a sensor's samples (a time range) or one window (an id from an inference
@@ -71,7 +77,7 @@ fn main() -> ExitCode {
             print!("{}", config::default_toml());
             ExitCode::SUCCESS
         }
-        Command::Validate => validate(cli.config),
+        Command::Validate { smoke } => validate(cli.config, smoke),
         Command::Run => run(cli.config),
         Command::Label {
             sensor,
@@ -140,7 +146,7 @@ where
     }
 }
 
-fn validate(file: Option<PathBuf>) -> ExitCode {
+fn validate(file: Option<PathBuf>, smoke: bool) -> ExitCode {
     let cfg = match config::load(file.as_deref()) {
         Ok(cfg) => cfg,
         Err(e) => {
@@ -158,11 +164,80 @@ fn validate(file: Option<PathBuf>) -> ExitCode {
                 None => format!("external at {}:{}", cfg.mqtt.host, cfg.mqtt.port),
             }
         );
-        ExitCode::SUCCESS
+        if !smoke {
+            return ExitCode::SUCCESS;
+        }
+        match smoke_run(&cfg) {
+            Ok(report) => {
+                println!("{report}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("diredi-gateway validate --smoke: {e}");
+                ExitCode::FAILURE
+            }
+        }
     } else {
         eprintln!("{}", config::ConfigError::Invalid(problems));
         ExitCode::FAILURE
     }
+}
+
+/// Loads the configured model into ONNX Runtime, runs the install smoke run on its probe
+/// windows and classifies every probe window; returns a one-paragraph report.
+fn smoke_run(cfg: &config::Config) -> Result<String, String> {
+    use diredi_gateway::{install, model};
+    let loaded = model::load(&cfg.model, &cfg.runtime).map_err(|e| e.to_string())?;
+    let library =
+        diredi_infer::init_runtime(cfg.runtime.library.as_deref()).map_err(|e| e.to_string())?;
+    let spec = loaded.spec();
+    let probe = loaded.source().and_then(|s| s.probe.clone());
+    let started = std::time::Instant::now();
+    install::smoke(
+        loaded.classifier(),
+        probe.as_deref(),
+        spec.output == diredi_protocol::manifest::OutputKind::Probabilities,
+    )
+    .map_err(|e| e.to_string())?;
+    let smoke_ms = started.elapsed().as_secs_f64() * 1e3;
+    let mut report = format!(
+        "Model {} v{} runs in ONNX Runtime ({}, {} on {}): smoke run passed in {smoke_ms:.1} ms",
+        spec.model_id,
+        spec.version,
+        library.display(),
+        loaded.execution_provider(),
+        std::env::consts::ARCH,
+    );
+    if let Some(bytes) = probe.as_deref() {
+        let p = diredi_learn::probe::ProbeSet::from_bytes(bytes).map_err(|e| e.to_string())?;
+        let n = p.y.len();
+        let x = ndarray::Array3::from_shape_vec((n, p.channels, p.window), p.x)
+            .map_err(|e| e.to_string())?;
+        let out = loaded
+            .classifier()
+            .classify(x.view())
+            .map_err(|e| e.to_string())?;
+        let right = out
+            .rows()
+            .into_iter()
+            .zip(&p.y)
+            .filter(|(row, &y)| argmax(row.iter().copied()) == Some(y as usize))
+            .count();
+        report.push_str(&format!(
+            "; {right} of {n} probe windows classified as labelled ({:.1}%)",
+            100.0 * right as f64 / n.max(1) as f64
+        ));
+    }
+    Ok(report)
+}
+
+fn argmax(row: impl Iterator<Item = f32>) -> Option<usize> {
+    row.enumerate()
+        .fold(None, |best: Option<(usize, f32)>, (i, v)| match best {
+            Some((_, b)) if b >= v => best,
+            _ => Some((i, v)),
+        })
+        .map(|(i, _)| i)
 }
 
 fn run(file: Option<PathBuf>) -> ExitCode {

@@ -23,6 +23,7 @@ pub mod load;
 mod procs;
 pub mod procstat;
 pub mod report;
+pub mod sweep;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -56,6 +57,9 @@ pub enum PerfCmd {
     /// Inference limit, broker limit, and the Rust and Python gateways under the same load,
     /// in one run: JSON, a Markdown table and a latency CDF plot.
     Run(PerfArgs),
+    /// Scaling curves of the Rust gateway: sensors, ONNX Runtime threads, workers,
+    /// micro-batch size and payload format, one knob at a time.
+    Sweep(sweep::SweepArgs),
     /// The load generator that `perf run` starts as its own process.
     Load(load::LoadArgs),
 }
@@ -157,6 +161,17 @@ pub struct PerfArgs {
     /// Write the latency CDF plot (SVG) here.
     #[arg(long)]
     pub plot: Option<PathBuf>,
+    /// `KEY=VALUE` set in the Rust gateway's environment (repeatable), for example
+    /// `DIREDI_RUNTIME__MAX_BATCH=8`.
+    #[arg(long = "gateway-env", value_name = "KEY=VALUE", value_parser = parse_env)]
+    pub gateway_env: Vec<(String, String)>,
+}
+
+fn parse_env(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+        _ => Err(format!("expected KEY=VALUE, got {s:?}")),
+    }
 }
 
 /// Latency percentiles, ms.
@@ -281,6 +296,8 @@ pub struct PerfReport {
     pub samples_per_message: u32,
     pub window: usize,
     pub stride: usize,
+    /// The Rust gateway binary measured (relative to the working directory when under it).
+    pub gateway_bin: String,
     pub inference_limit: InferenceLimit,
     pub broker_limit: Option<BrokerLimit>,
     pub targets: Vec<TargetResult>,
@@ -304,6 +321,7 @@ pub async fn run(cmd: PerfCmd, shutdown: CancellationToken) -> Result<()> {
             print!("{}", report::markdown(&r));
             report::write(&args, &r)
         }
+        PerfCmd::Sweep(args) => sweep::run(args, shutdown).await,
     }
 }
 
@@ -317,23 +335,26 @@ struct Ctx<'a> {
     shutdown: CancellationToken,
 }
 
-/// The whole run: limits, then every target.
-pub async fn run_all(args: &PerfArgs, shutdown: CancellationToken) -> Result<PerfReport> {
-    let load_average_start = load_average();
-    let shape = Shape::read(&args.model)?;
-    load::read_rows(&args.dataset, &shape.channels)?;
-    if args.max_seconds <= 0.0 && args.rate.is_none() {
-        bail!("--max-seconds 0 skips the flat-out phase, so --rate must give the load");
+impl<'a> Ctx<'a> {
+    fn new(args: &'a PerfArgs, shutdown: CancellationToken) -> Result<Self> {
+        let shape = Shape::read(&args.model)?;
+        load::read_rows(&args.dataset, &shape.channels)?;
+        if args.max_seconds <= 0.0 && args.rate.is_none() {
+            bail!("--max-seconds 0 skips the flat-out phase, so --rate must give the load");
+        }
+        Ok(Ctx {
+            args,
+            self_exe: std::env::current_exe().context("locating this executable")?,
+            tmp: TempDir::new("perf")?,
+            topics: Topics::new(GATEWAY_ID)?,
+            shutdown,
+            shape,
+        })
     }
-    let ctx = Ctx {
-        args,
-        self_exe: std::env::current_exe().context("locating this executable")?,
-        tmp: TempDir::new("perf")?,
-        topics: Topics::new(GATEWAY_ID)?,
-        shutdown,
-        shape,
-    };
+}
 
+/// ONNX Runtime batch throughput of the model in this process, one thread, batch 1 and 64.
+async fn inference_limit(args: &PerfArgs) -> Result<InferenceLimit> {
     eprintln!("perf: inference limit (ONNX Runtime in-process, 1 thread)");
     let pkg = PackagedModel::read(&args.model)?;
     let secs = args.limit_seconds;
@@ -341,14 +362,21 @@ pub async fn run_all(args: &PerfArgs, shutdown: CancellationToken) -> Result<Per
         tokio::task::spawn_blocking(move || crate::bench::model_speed(&pkg, &[1, 64], 1, secs))
             .await
             .context("inference limit thread")??;
-    let inference_limit = InferenceLimit {
+    Ok(InferenceLimit {
         intra_threads: 1,
         windows_per_second: batches
             .iter()
             .map(|b| b.windows_per_second)
             .fold(0.0, f64::max),
         batches,
-    };
+    })
+}
+
+/// The whole run: limits, then every target.
+pub async fn run_all(args: &PerfArgs, shutdown: CancellationToken) -> Result<PerfReport> {
+    let load_average_start = load_average();
+    let ctx = Ctx::new(args, shutdown)?;
+    let inference_limit = inference_limit(args).await?;
 
     let broker_limit = if args.max_seconds > 0.0 {
         eprintln!("perf: broker limit (Mosquitto loopback, flat out)");
@@ -393,6 +421,7 @@ pub async fn run_all(args: &PerfArgs, shutdown: CancellationToken) -> Result<Per
         samples_per_message: args.samples_per_message,
         window: ctx.shape.window,
         stride: ctx.shape.stride,
+        gateway_bin: gateway_bin_shown(args),
         inference_limit,
         broker_limit,
         targets,
@@ -883,6 +912,25 @@ async fn wait_online(
     Ok(result)
 }
 
+/// The gateway binary as the report shows it: relative to the working directory when under it
+/// (no machine's absolute paths in committed results).
+fn gateway_bin_shown(args: &PerfArgs) -> String {
+    let bin = args
+        .gateway_bin
+        .clone()
+        .or_else(|| default_gateway_bin().ok())
+        .unwrap_or_default();
+    let bin = std::fs::canonicalize(&bin).unwrap_or(bin);
+    let cwd = std::env::current_dir()
+        .and_then(std::fs::canonicalize)
+        .unwrap_or_default();
+    bin.strip_prefix(&cwd)
+        .map(Path::to_path_buf)
+        .unwrap_or(bin)
+        .display()
+        .to_string()
+}
+
 fn default_gateway_bin() -> Result<PathBuf> {
     let exe = std::env::current_exe().context("locating this executable")?;
     let dir = exe.parent().unwrap_or(Path::new("."));
@@ -938,6 +986,7 @@ fn gateway_command(ctx: &Ctx<'_>, target: Target, port: u16) -> Result<Command> 
     if target == Target::RustMosquitto {
         cmd.env("DIREDI_BROKER__ENABLED", "false");
     }
+    cmd.envs(args.gateway_env.iter().map(|(k, v)| (k, v)));
     Ok(cmd)
 }
 

@@ -34,7 +34,7 @@ pub fn machine() -> serde_json::Value {
     })
 }
 
-fn profile() -> &'static str {
+pub(crate) fn profile() -> &'static str {
     if cfg!(debug_assertions) {
         "dev"
     } else {
@@ -90,12 +90,14 @@ pub fn markdown(r: &PerfReport) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "Machine: {}, {} cores, {}; {} profile; load average {} at the start, {} at the end. \
-         {} sensors, {:?} payloads, {} samples per message (window {}, stride {}).\n",
+        "Machine: {}, {} cores, {}; harness in the {} profile, gateway binary {}; load average \
+         {} at the start, {} at the end. {} sensors, {:?} payloads, {} samples per message \
+         (window {}, stride {}).\n",
         m["cpu"].as_str().unwrap_or("?"),
         m["cores"],
         m["arch"].as_str().unwrap_or("?"),
         profile(),
+        r.gateway_bin,
         r.load_average[0].map_or("?".to_owned(), |l| format!("{l:.2}")),
         r.load_average[1].map_or("?".to_owned(), |l| format!("{l:.2}")),
         r.sensors,

@@ -19,9 +19,9 @@ fn mosquitto() -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-#[test]
-fn perf_run_on_a_small_load_writes_well_formed_results_and_loses_no_window() {
-    let _turn = crate::heavy_turn();
+/// What a harness run needs: this binary, the gateway binary beside it, and Mosquitto; `None`
+/// (after saying what is missing) when the test may be skipped.
+fn prerequisites() -> Option<(PathBuf, PathBuf, PathBuf)> {
     let root = repo_root();
     let bin = PathBuf::from(env!("CARGO_BIN_EXE_diredi-cloud-worker"));
     let gateway = bin.with_file_name("diredi-gateway");
@@ -35,8 +35,18 @@ fn perf_run_on_a_small_load_writes_well_formed_results_and_loses_no_window() {
             gateway.is_file(),
         )
     {
-        return;
+        return None;
     }
+    Some((bin, gateway, mosq?))
+}
+
+#[test]
+fn perf_run_on_a_small_load_writes_well_formed_results_and_loses_no_window() {
+    let _turn = crate::heavy_turn();
+    let root = repo_root();
+    let Some((bin, gateway, mosq)) = prerequisites() else {
+        return;
+    };
     let dir = tempfile::tempdir().unwrap();
     let (json, md, svg) = (
         dir.path().join("perf.json"),
@@ -64,7 +74,7 @@ fn perf_run_on_a_small_load_writes_well_formed_results_and_loses_no_window() {
         .arg("--gateway-bin")
         .arg(&gateway)
         .arg("--mosquitto")
-        .arg(mosq.unwrap())
+        .arg(&mosq)
         .arg("--json")
         .arg(&json)
         .arg("--report")
@@ -137,4 +147,88 @@ fn perf_run_on_a_small_load_writes_well_formed_results_and_loses_no_window() {
     );
     let svg = std::fs::read_to_string(&svg).unwrap();
     assert!(svg.starts_with("<svg") && svg.contains("rust-embedded"));
+}
+
+/// `perf sweep` with two one-point curves (a micro-batch size passed to the gateway through its
+/// environment, and SenML payloads): one point per curve, each served without loss at a low
+/// rate, in JSON, Markdown and SVG.
+#[test]
+fn perf_sweep_measures_one_point_per_setting() {
+    let _turn = crate::heavy_turn();
+    let root = repo_root();
+    let Some((bin, gateway, mosq)) = prerequisites() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (json, md, svg) = (
+        dir.path().join("sweep.json"),
+        dir.path().join("sweep.md"),
+        dir.path().join("sweep.svg"),
+    );
+    let out = Command::new(&bin)
+        .current_dir(&root)
+        .args([
+            "perf",
+            "sweep",
+            "--curves",
+            "max_batch,format",
+            "--sweep-max-batch",
+            "4",
+            "--sweep-formats",
+            "senml",
+            "--sensors",
+            "2",
+            "--max-seconds",
+            "0",
+            "--rate",
+            "100",
+            "--seconds",
+            "2",
+            "--limit-seconds",
+            "0.2",
+            "--targets",
+            "rust-mosquitto",
+        ])
+        .arg("--gateway-bin")
+        .arg(&gateway)
+        .arg("--mosquitto")
+        .arg(&mosq)
+        .arg("--json")
+        .arg(&json)
+        .arg("--report")
+        .arg(&md)
+        .arg("--plot")
+        .arg(&svg)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "perf sweep failed:\n{stderr}");
+    let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    assert_eq!(doc["benchmark"], "perf-sweep");
+    let points = doc["points"].as_array().unwrap();
+    let got: Vec<(&str, &str, &str)> = points
+        .iter()
+        .map(|p| {
+            (
+                p["curve"].as_str().unwrap(),
+                p["value"].as_str().unwrap(),
+                p["format"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        vec![("max_batch", "4", "binary"), ("format", "senml", "senml")]
+    );
+    for p in points {
+        let (win, wout) = (
+            p["load_windows_in"].as_u64().unwrap(),
+            p["load_windows_out"].as_u64().unwrap(),
+        );
+        assert!(win > 50 && win == wout, "{p}");
+        assert!(p["load_latency_ms"]["p99"].as_f64().unwrap() > 0.0);
+    }
+    let md = std::fs::read_to_string(&md).unwrap();
+    assert!(md.contains("### max_batch") && md.contains("### format"));
+    assert!(std::fs::read_to_string(&svg).unwrap().starts_with("<svg"));
 }

@@ -146,3 +146,58 @@ fn a_missing_config_file_is_an_error() {
         text(&out.stderr)
     );
 }
+
+/// `validate --smoke` loads the shipped model into ONNX Runtime and classifies its probe
+/// windows (the check `scripts/cross-aarch64.sh` runs under qemu); a library path that does
+/// not exist fails it with a message that says how to get the library.
+#[test]
+fn validate_smoke_runs_the_shipped_model_on_its_probe_windows() {
+    let root = repo_root();
+    let manifest = root.join("onnx-models/hapt-student-v1.json");
+    if !ort_available() && skip("ONNX Runtime") {
+        return;
+    }
+    let key = std::fs::read_to_string(root.join("onnx-models/publisher.pub")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("gateway.toml");
+    let config = |library: &str| {
+        format!(
+            "[gateway]\nid = \"smoke\"\n[model]\npath = {:?}\ntrusted_keys = [{:?}]\n{library}",
+            manifest.to_str().unwrap(),
+            key.trim()
+        )
+    };
+    std::fs::write(&file, config("")).unwrap();
+    let out = gateway(
+        &["validate", "--smoke", "--config", file.to_str().unwrap()],
+        &[],
+    );
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{}{}", stdout, text(&out.stderr));
+    assert!(stdout.contains("smoke run passed"), "{stdout}");
+    // "…; R of N probe windows classified as labelled (P%)": the shipped student gets most
+    // of its own probe set right.
+    let tail = stdout.split("; ").last().unwrap();
+    let nums: Vec<f64> = tail
+        .split(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    let (right, n) = (nums[0], nums[1]);
+    assert!(n >= 64.0 && right / n > 0.8, "{stdout}");
+
+    std::fs::write(
+        &file,
+        config("[runtime]\nlibrary = \"/nonexistent/libonnxruntime.so\"\n"),
+    )
+    .unwrap();
+    let out = gateway(
+        &["validate", "--smoke", "--config", file.to_str().unwrap()],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("fetch-onnxruntime.sh"),
+        "{}",
+        text(&out.stderr)
+    );
+}
