@@ -59,7 +59,7 @@ pub enum PerfCmd {
     Run(PerfArgs),
     /// Scaling curves of the Rust gateway: sensors, ONNX Runtime threads, workers,
     /// micro-batch size and payload format, one knob at a time.
-    Sweep(sweep::SweepArgs),
+    Sweep(Box<sweep::SweepArgs>),
     /// The load generator that `perf run` starts as its own process.
     Load(load::LoadArgs),
 }
@@ -321,7 +321,7 @@ pub async fn run(cmd: PerfCmd, shutdown: CancellationToken) -> Result<()> {
             print!("{}", report::markdown(&r));
             report::write(&args, &r)
         }
-        PerfCmd::Sweep(args) => sweep::run(args, shutdown).await,
+        PerfCmd::Sweep(args) => sweep::run(*args, shutdown).await,
     }
 }
 

@@ -5,6 +5,8 @@
 //! - `intra_threads`: ONNX Runtime threads per session (`[runtime] intra_threads`);
 //! - `workers`: inference workers, each with its own session (`[runtime] workers`);
 //! - `max_batch`: largest micro-batch (`[runtime] max_batch`);
+//! - `max_wait_ms`: how long a worker waits for a batch to fill (`[runtime] max_wait_ms`; 0
+//!   takes what is queued);
 //! - `format`: payload format (JSON, SenML, binary).
 //!
 //! Every point is a fresh broker and gateway with a flat-out phase (throughput) and a load
@@ -39,6 +41,9 @@ pub struct SweepArgs {
     /// Largest micro-batch of the `max_batch` curve.
     #[arg(long, value_delimiter = ',', default_value = "1,4,16,32,128")]
     pub sweep_max_batch: Vec<u32>,
+    /// Batch waits (ms) of the `max_wait_ms` curve.
+    #[arg(long, value_delimiter = ',', default_value = "0,1,2,5")]
+    pub sweep_max_wait_ms: Vec<u32>,
     /// Payload formats of the `format` curve.
     #[arg(
         long,
@@ -51,11 +56,12 @@ pub struct SweepArgs {
     /// the median, the JSON every run.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=20))]
     pub repeat: u32,
-    /// Curves to run (comma-separated): sensors, intra_threads, workers, max_batch, format.
+    /// Curves to run (comma-separated): sensors, intra_threads, workers, max_batch,
+    /// max_wait_ms, format.
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "sensors,intra_threads,workers,max_batch,format"
+        default_value = "sensors,intra_threads,workers,max_batch,max_wait_ms,format"
     )]
     pub curves: Vec<String>,
 }
@@ -99,7 +105,14 @@ struct Setting {
     env: Vec<(String, String)>,
 }
 
-const CURVES: [&str; 5] = ["sensors", "intra_threads", "workers", "max_batch", "format"];
+const CURVES: [&str; 6] = [
+    "sensors",
+    "intra_threads",
+    "workers",
+    "max_batch",
+    "max_wait_ms",
+    "format",
+];
 
 fn settings(args: &SweepArgs) -> Result<Vec<Setting>> {
     for c in &args.curves {
@@ -137,6 +150,11 @@ fn settings(args: &SweepArgs) -> Result<Vec<Setting>> {
                 args.sweep_workers
                     .iter()
                     .map(|&n| point(curve, n.to_string(), env("DIREDI_RUNTIME__WORKERS", n))),
+            ),
+            "max_wait_ms" => out.extend(
+                args.sweep_max_wait_ms
+                    .iter()
+                    .map(|&n| point(curve, n.to_string(), env("DIREDI_RUNTIME__MAX_WAIT_MS", n))),
             ),
             "max_batch" => out.extend(
                 args.sweep_max_batch
@@ -472,11 +490,13 @@ mod tests {
         let cli = Cli::try_parse_from([
             "x",
             "--curves",
-            "sensors,max_batch,format",
+            "sensors,max_batch,max_wait_ms,format",
             "--sweep-sensors",
             "1,5000",
             "--sweep-max-batch",
             "4",
+            "--sweep-max-wait-ms",
+            "0",
             "--sweep-formats",
             "json",
         ])
@@ -492,12 +512,17 @@ mod tests {
                 ("sensors", "1", 1, PayloadFormat::Binary, 0),
                 ("sensors", "5000", 5000, PayloadFormat::Binary, 0),
                 ("max_batch", "4", 8, PayloadFormat::Binary, 1),
+                ("max_wait_ms", "0", 8, PayloadFormat::Binary, 1),
                 ("format", "json", 8, PayloadFormat::Json, 0),
             ]
         );
         assert_eq!(
             s[2].env,
             vec![("DIREDI_RUNTIME__MAX_BATCH".to_owned(), "4".to_owned())]
+        );
+        assert_eq!(
+            s[3].env,
+            vec![("DIREDI_RUNTIME__MAX_WAIT_MS".to_owned(), "0".to_owned())]
         );
         let bad = Cli::try_parse_from(["x", "--curves", "colour"]).unwrap();
         assert!(settings(&bad.args).is_err());

@@ -40,37 +40,47 @@ fn prerequisites() -> Option<(PathBuf, PathBuf, PathBuf)> {
     Some((bin, gateway, mosq?))
 }
 
-#[test]
-fn perf_run_on_a_small_load_writes_well_formed_results_and_loses_no_window() {
-    let _turn = crate::heavy_turn();
-    let root = repo_root();
-    let Some((bin, gateway, mosq)) = prerequisites() else {
-        return;
-    };
+/// The files one harness run wrote, in a temporary directory that lives as long as this.
+struct Harness {
+    _dir: tempfile::TempDir,
+    stdout: String,
+    stderr: String,
+    json: serde_json::Value,
+    md: String,
+    svg: String,
+}
+
+/// The load of both tests: 2 sensors at 100 windows/s for 2 s, no flat-out phase, a short
+/// inference limit.
+const TINY_LOAD: [&str; 10] = [
+    "--sensors",
+    "2",
+    "--max-seconds",
+    "0",
+    "--rate",
+    "100",
+    "--seconds",
+    "2",
+    "--limit-seconds",
+    "0.2",
+];
+
+/// Runs `diredi-cloud-worker perf <args>` on [`TINY_LOAD`] with the real gateway and
+/// Mosquitto, with JSON, Markdown and SVG output, and asserts that it succeeded. `None` when a prerequisite is
+/// missing and the test may be skipped.
+fn harness(args: &[&str]) -> Option<Harness> {
+    let (bin, gateway, mosq) = prerequisites()?;
     let dir = tempfile::tempdir().unwrap();
     let (json, md, svg) = (
-        dir.path().join("perf.json"),
-        dir.path().join("perf.md"),
-        dir.path().join("perf.svg"),
+        dir.path().join("out.json"),
+        dir.path().join("out.md"),
+        dir.path().join("out.svg"),
     );
     let out = Command::new(&bin)
-        .current_dir(&root)
-        .args([
-            "perf",
-            "run",
-            "--sensors",
-            "2",
-            "--max-seconds",
-            "0",
-            "--rate",
-            "100",
-            "--seconds",
-            "2",
-            "--limit-seconds",
-            "0.2",
-            "--targets",
-            "rust-embedded,rust-mosquitto",
-        ])
+        .current_dir(repo_root())
+        .arg("perf")
+        .args(args)
+        .args(TINY_LOAD)
         .arg("--gateway-bin")
         .arg(&gateway)
         .arg("--mosquitto")
@@ -83,11 +93,29 @@ fn perf_run_on_a_small_load_writes_well_formed_results_and_loses_no_window() {
         .arg(&svg)
         .output()
         .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "perf run failed:\n{stdout}\n{stderr}");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        out.status.success(),
+        "perf {args:?} failed:\n{stdout}\n{stderr}"
+    );
+    Some(Harness {
+        json: serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap(),
+        md: std::fs::read_to_string(&md).unwrap(),
+        svg: std::fs::read_to_string(&svg).unwrap(),
+        stdout,
+        stderr,
+        _dir: dir,
+    })
+}
 
-    let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+#[test]
+fn perf_run_on_a_small_load_writes_well_formed_results_and_loses_no_window() {
+    let _turn = crate::heavy_turn();
+    let Some(h) = harness(&["run", "--targets", "rust-embedded,rust-mosquitto"]) else {
+        return;
+    };
+    let (stdout, stderr, doc) = (&h.stdout, &h.stderr, &h.json);
     assert_eq!(doc["benchmark"], "perf");
     assert!(doc["machine"]["cores"].as_u64().unwrap() >= 1);
     let r = &doc["result"];
@@ -139,14 +167,13 @@ fn perf_run_on_a_small_load_writes_well_formed_results_and_loses_no_window() {
             > 0.0
     );
 
-    let md = std::fs::read_to_string(&md).unwrap();
+    let md = &h.md;
     assert!(md.contains("| rust-embedded |") && md.contains("| rust-mosquitto |"));
     assert!(md.contains("Skipped python-mosquitto"));
     assert!(
         stderr.contains("SKIPPING python-mosquitto") || stdout.contains("Skipped python-mosquitto")
     );
-    let svg = std::fs::read_to_string(&svg).unwrap();
-    assert!(svg.starts_with("<svg") && svg.contains("rust-embedded"));
+    assert!(h.svg.starts_with("<svg") && h.svg.contains("rust-embedded"));
 }
 
 /// `perf sweep` with two one-point curves (a micro-batch size passed to the gateway through its
@@ -155,55 +182,20 @@ fn perf_run_on_a_small_load_writes_well_formed_results_and_loses_no_window() {
 #[test]
 fn perf_sweep_measures_one_point_per_setting() {
     let _turn = crate::heavy_turn();
-    let root = repo_root();
-    let Some((bin, gateway, mosq)) = prerequisites() else {
+    let Some(h) = harness(&[
+        "sweep",
+        "--curves",
+        "max_batch,format",
+        "--sweep-max-batch",
+        "4",
+        "--sweep-formats",
+        "senml",
+        "--targets",
+        "rust-mosquitto",
+    ]) else {
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    let (json, md, svg) = (
-        dir.path().join("sweep.json"),
-        dir.path().join("sweep.md"),
-        dir.path().join("sweep.svg"),
-    );
-    let out = Command::new(&bin)
-        .current_dir(&root)
-        .args([
-            "perf",
-            "sweep",
-            "--curves",
-            "max_batch,format",
-            "--sweep-max-batch",
-            "4",
-            "--sweep-formats",
-            "senml",
-            "--sensors",
-            "2",
-            "--max-seconds",
-            "0",
-            "--rate",
-            "100",
-            "--seconds",
-            "2",
-            "--limit-seconds",
-            "0.2",
-            "--targets",
-            "rust-mosquitto",
-        ])
-        .arg("--gateway-bin")
-        .arg(&gateway)
-        .arg("--mosquitto")
-        .arg(&mosq)
-        .arg("--json")
-        .arg(&json)
-        .arg("--report")
-        .arg(&md)
-        .arg("--plot")
-        .arg(&svg)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "perf sweep failed:\n{stderr}");
-    let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let doc = &h.json;
     assert_eq!(doc["benchmark"], "perf-sweep");
     let points = doc["points"].as_array().unwrap();
     let got: Vec<(&str, &str, &str)> = points
@@ -228,7 +220,6 @@ fn perf_sweep_measures_one_point_per_setting() {
         assert!(win > 50 && win == wout, "{p}");
         assert!(p["load_latency_ms"]["p99"].as_f64().unwrap() > 0.0);
     }
-    let md = std::fs::read_to_string(&md).unwrap();
-    assert!(md.contains("### max_batch") && md.contains("### format"));
-    assert!(std::fs::read_to_string(&svg).unwrap().starts_with("<svg"));
+    assert!(h.md.contains("### max_batch") && h.md.contains("### format"));
+    assert!(h.svg.starts_with("<svg"));
 }
