@@ -217,27 +217,16 @@ fn smoke_run(cfg: &config::Config) -> Result<String, String> {
             .classifier()
             .classify(x.view())
             .map_err(|e| e.to_string())?;
-        let right = out
-            .rows()
-            .into_iter()
-            .zip(&p.y)
-            .filter(|(row, &y)| argmax(row.iter().copied()) == Some(y as usize))
-            .count();
+        let out = out.as_standard_layout();
+        let predicted =
+            diredi_learn::metrics::argmax_rows(out.as_slice().unwrap_or_default(), out.ncols());
+        let right = predicted.iter().zip(&p.y).filter(|(a, b)| a == b).count();
         report.push_str(&format!(
             "; {right} of {n} probe windows classified as labelled ({:.1}%)",
             100.0 * right as f64 / n.max(1) as f64
         ));
     }
     Ok(report)
-}
-
-fn argmax(row: impl Iterator<Item = f32>) -> Option<usize> {
-    row.enumerate()
-        .fold(None, |best: Option<(usize, f32)>, (i, v)| match best {
-            Some((_, b)) if b >= v => best,
-            _ => Some((i, v)),
-        })
-        .map(|(i, _)| i)
 }
 
 fn run(file: Option<PathBuf>) -> ExitCode {
