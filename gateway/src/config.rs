@@ -349,6 +349,9 @@ pub struct RawLearning {
     /// Serve the adapted model locally while the cloud's update is pending. Off by default:
     /// per DiReDi the manufacturer's model stays in charge.
     pub serve_adapted: bool,
+    /// Nice value of the adaptation threads (0 to 19; higher = lower CPU priority), so that
+    /// adapting never slows inference down.
+    pub adapt_nice: i32,
     /// Local adaptation hyper-parameters (see diredi-learn's `AdaptConfig`), including the
     /// probe guard's `guard_margin` and differential privacy (`[learning.adapt.dp]`).
     pub adapt: AdaptConfig,
@@ -390,6 +393,7 @@ impl Default for RawLearning {
             knowledge_retry_s: 15.0,
             adapt_after_labels: 0,
             serve_adapted: false,
+            adapt_nice: 10,
             adapt: AdaptConfig::default(),
             quant: RawQuant::default(),
         }
@@ -417,6 +421,8 @@ pub struct LearningConfig {
     pub adapt_after_labels: u64,
     /// Serve the adapted model until the cloud's update arrives.
     pub serve_adapted: bool,
+    /// Nice value of the adaptation threads.
+    pub adapt_nice: i32,
     /// Adaptation hyper-parameters.
     pub adapt: AdaptConfig,
     /// Knowledge quantisation.
@@ -1162,6 +1168,12 @@ pub fn compile(raw: &RawConfig, base: &Path, source: Option<&Path>) -> Result<Co
     c.range("learning.recent_windows", l.recent_windows, 0, 4096);
     c.range("learning.label_spans", l.label_spans, 1, 1 << 16);
     c.range("learning.max_outbox", l.max_outbox, 1, 4096);
+    c.range(
+        "learning.adapt_nice",
+        l.adapt_nice,
+        0,
+        crate::priority::MAX_NICE,
+    );
     if !(l.knowledge_retry_s.is_finite() && (0.1..=86_400.0).contains(&l.knowledge_retry_s)) {
         c.problem(
             "learning.knowledge_retry_s",
@@ -1197,6 +1209,7 @@ pub fn compile(raw: &RawConfig, base: &Path, source: Option<&Path>) -> Result<Co
         knowledge_retry: Duration::from_secs_f64(l.knowledge_retry_s.clamp(0.1, 86_400.0)),
         adapt_after_labels: l.adapt_after_labels,
         serve_adapted: l.serve_adapted,
+        adapt_nice: l.adapt_nice,
         adapt: AdaptConfig {
             // One limit for labels and adaptation: the store's.
             max_new_classes: l.max_new_classes,

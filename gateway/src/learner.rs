@@ -6,17 +6,19 @@
 //! the class histogram: no window, no per-window output) → outbox → `knowledge` (QoS 1) →
 //! cloud worker → `knowledge/ack` → outbox.
 //!
-//! Adaptation runs on its own thread, never on the async runtime nor the inference threads;
-//! one at a time (a second `adapt` command while one runs is refused), cancellable at shutdown
-//! between steps of the sender. The installed model keeps serving throughout: per DiReDi the
-//! manufacturer's model stays in charge until the cloud sends an update.
+//! Adaptation runs on its own thread and training pool, never on the async runtime nor the
+//! inference threads, at a lower CPU priority (`[learning] adapt_nice`, see
+//! [`crate::priority`]); one at a time (a second `adapt` command while one runs is refused).
+//! `{"cmd": "cancel_adapt"}` stops it within one training step: no knowledge is produced and
+//! `adaptation` reports `cancelled`. The installed model keeps serving throughout: per DiReDi
+//! the manufacturer's model stays in charge until the cloud sends an update.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use diredi_infer::{OrtClassifier, SessionConfig};
-use diredi_learn::adapt::{adapt, AdaptConfig, Exclusive};
+use diredi_learn::adapt::{adapt_cancellable, AdaptConfig, AdaptError, Exclusive};
 use diredi_learn::knowledge::{extract, KnowledgeMeta, QuantConfig};
 use diredi_learn::model::Net;
 use diredi_learn::onnx::{export, import};
@@ -58,9 +60,17 @@ pub enum LearnError {
     /// Importing the installed ONNX model into the trainer failed.
     #[error("cannot rebuild the installed model for training: {0}")]
     Import(String),
+    /// The adaptation was cancelled (`cancel_adapt`); nothing was produced.
+    #[error("adaptation cancelled after {steps} of {total} training steps")]
+    Cancelled {
+        /// Training steps done.
+        steps: usize,
+        /// Training steps planned.
+        total: usize,
+    },
     /// Adaptation failed or its guard refused the result.
     #[error(transparent)]
-    Adapt(#[from] diredi_learn::adapt::AdaptError),
+    Adapt(AdaptError),
     /// The privacy budget cannot pay for another adaptation.
     #[error(transparent)]
     Privacy(#[from] BudgetExceeded),
@@ -73,6 +83,15 @@ pub enum LearnError {
     /// The store or the outbox failed.
     #[error("{0}")]
     Storage(String),
+}
+
+impl From<AdaptError> for LearnError {
+    fn from(e: AdaptError) -> Self {
+        match e {
+            AdaptError::Cancelled { steps, total } => LearnError::Cancelled { steps, total },
+            e => LearnError::Adapt(e),
+        }
+    }
 }
 
 /// What one adaptation did; published on the `adaptation` topic (no user data in it).
@@ -126,15 +145,19 @@ pub struct Extracted {
     pub net: Net,
     /// Its classes.
     pub classes: Vec<String>,
+    /// Training steps run.
+    pub steps: usize,
 }
 
 /// Adapts the installed model (`source`) on `windows` and extracts the knowledge. Pure
-/// computation: no I/O besides what `source` already holds.
+/// computation: no I/O besides what `source` already holds. `cancel` stops it between two
+/// training steps ([`LearnError::Cancelled`]).
 pub fn adapt_and_extract(
     source: &ModelSource,
     windows: &[StoredWindow],
     cfg: &AdaptConfig,
     quant: &QuantConfig,
+    cancel: &AtomicBool,
 ) -> Result<Extracted, LearnError> {
     let started = std::time::Instant::now();
     let m = &source.manifest;
@@ -152,7 +175,7 @@ pub fn adapt_and_extract(
     let x: Vec<f32> = usable.iter().flat_map(|w| w.data.iter().copied()).collect();
     let labels: Vec<String> = usable.iter().map(|w| w.class.clone()).collect();
     let xs = Windows::new(&x, c, t).map_err(|e| LearnError::Import(e.to_string()))?;
-    let adapted = adapt(
+    let adapted = adapt_cancellable(
         &base,
         &m.classes,
         Exclusive {
@@ -161,6 +184,7 @@ pub fn adapt_and_extract(
         },
         &probe,
         cfg,
+        cancel,
     )?;
     let knowledge = extract(
         &base,
@@ -192,6 +216,7 @@ pub fn adapt_and_extract(
         bytes,
         net: adapted.net,
         classes: adapted.classes,
+        steps: adapted.steps,
     })
 }
 
@@ -214,7 +239,10 @@ pub struct Learner {
     adapt: AdaptConfig,
     quant: QuantConfig,
     serve: Option<SessionConfig>,
+    nice: i32,
     busy: AtomicBool,
+    /// Set by `cancel_adapt`, read by the running adaptation; cleared when one starts.
+    cancel: AtomicBool,
     wake: Notify,
     metrics: Arc<Metrics>,
     /// Packages a worker has taken (a receipt with `lease_s`): held back until then.
@@ -232,7 +260,8 @@ impl std::fmt::Debug for Learner {
 impl Learner {
     /// A learner over `store` and `outbox`, adapting the model behind `model`. With `serve`
     /// (`[learning] serve_adapted`), an adapted model replaces the served one, in an ONNX
-    /// Runtime session of those settings, until the cloud's update arrives.
+    /// Runtime session of those settings, until the cloud's update arrives. Adaptations run
+    /// at nice value `nice` ([`crate::priority`]).
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         store: Arc<ExclusiveStore>,
@@ -242,6 +271,7 @@ impl Learner {
         adapt: AdaptConfig,
         quant: QuantConfig,
         serve: Option<SessionConfig>,
+        nice: i32,
         metrics: Arc<Metrics>,
     ) -> Self {
         Learner {
@@ -252,7 +282,9 @@ impl Learner {
             adapt,
             quant,
             serve,
+            nice,
             busy: AtomicBool::new(false),
+            cancel: AtomicBool::new(false),
             wake: Notify::new(),
             leases: std::sync::Mutex::default(),
             metrics,
@@ -273,6 +305,16 @@ impl Learner {
         self.busy.load(Ordering::Acquire)
     }
 
+    /// Asks the running adaptation to stop; it does within one training step and reports
+    /// [`LearnError::Cancelled`]. `false` when none is running.
+    pub fn cancel(&self) -> bool {
+        if !self.is_busy() {
+            return false;
+        }
+        self.cancel.store(true, Ordering::Release);
+        true
+    }
+
     /// Packages waiting for the cloud's acknowledgement.
     pub fn outbox_pending(&self) -> usize {
         self.outbox.len().unwrap_or(0)
@@ -287,13 +329,24 @@ impl Learner {
         if self.busy.swap(true, Ordering::AcqRel) {
             return Err(LearnError::Busy);
         }
+        self.cancel.store(false, Ordering::Release);
         let me = self.clone();
         let spawned = std::thread::Builder::new()
             .name("adapt".into())
             .spawn(move || {
-                let outcome = me.run_once();
+                crate::priority::lower_current_thread(me.nice);
+                // Candle's kernels run on the rayon pool they are called from: a pool of
+                // niced threads, made for this adaptation and gone after it.
+                let outcome = match crate::priority::background_pool("adapt", 0, me.nice) {
+                    Ok(pool) => pool.install(|| me.run_once()),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "Cannot start the adaptation pool; training on rayon's global pool.");
+                        me.run_once()
+                    }
+                };
                 let counter = match &outcome {
                     Ok(_) => &me.metrics.adaptations,
+                    Err(LearnError::Cancelled { .. }) => &me.metrics.adaptations_cancelled,
                     Err(_) => &me.metrics.adaptations_failed,
                 };
                 Metrics::add(counter, 1);
@@ -341,7 +394,14 @@ impl Learner {
         } else {
             None
         };
-        let mut out = adapt_and_extract(source, &windows, &self.adapt, &self.quant)?;
+        let mut out = adapt_and_extract(source, &windows, &self.adapt, &self.quant, &self.cancel)?;
+        if self.cancel.load(Ordering::Acquire) {
+            // Cancelled after the last step: the result is dropped all the same.
+            return Err(LearnError::Cancelled {
+                steps: out.steps,
+                total: out.steps,
+            });
+        }
         out.report.privacy = privacy;
         match self
             .outbox
@@ -426,7 +486,8 @@ impl Learner {
     }
 
     /// Handles a `command` payload: `adapt` starts an adaptation whose outcome goes to the
-    /// `adaptation` topic (or the error topic); anything else is reported as a bad command.
+    /// `adaptation` topic (or the error topic), `cancel_adapt` stops it; anything else is
+    /// reported as a bad command.
     pub fn on_command(self: &Arc<Self>, payload: &[u8], reporter: &Reporter) {
         let topic = self.topics.command();
         let reject = |reason: String| {
@@ -460,6 +521,10 @@ impl Learner {
                             );
                             serde_json::json!({"state": "done", "report": report})
                         }
+                        Err(e @ LearnError::Cancelled { .. }) => {
+                            tracing::info!(reason = %e, "Adaptation cancelled; no knowledge produced.");
+                            serde_json::json!({"state": "cancelled", "reason": e.to_string()})
+                        }
                         Err(e) => {
                             tracing::warn!(error = %e, "Adaptation failed.");
                             serde_json::json!({"state": "failed", "reason": e.to_string()})
@@ -474,6 +539,13 @@ impl Learner {
                 });
                 if let Err(e) = started {
                     reject(format!("adapt: {e}"));
+                }
+            }
+            Ok(CommandMsg::CancelAdapt) => {
+                if self.cancel() {
+                    tracing::info!("Cancelling the running adaptation (cancel_adapt).");
+                } else {
+                    reject("cancel_adapt: no adaptation is running".into());
                 }
             }
             Ok(CommandMsg::Rollback { .. }) => {

@@ -45,6 +45,7 @@ pub mod mqtt;
 pub mod notify;
 pub mod outbox;
 pub mod pipeline;
+pub mod priority;
 pub mod ratelimit;
 pub mod remote;
 pub mod report;
@@ -267,6 +268,7 @@ pub async fn run_with(
                     inter_threads: config.runtime.inter_threads,
                     providers: config.runtime.providers.clone(),
                 }),
+                l.adapt_nice,
                 metrics.clone(),
             ));
             (

@@ -66,6 +66,8 @@ enum Command {
     },
     /// Ask the gateway to adapt on the labels collected so far and send the knowledge.
     Adapt,
+    /// Ask the gateway to stop its running adaptation (no knowledge is sent).
+    CancelAdapt,
     /// Ask the gateway to return to its previous model.
     Rollback,
 }
@@ -104,6 +106,9 @@ fn main() -> ExitCode {
         }
         Command::Adapt => send(cli.config, |cfg| async move {
             diredi_gateway::remote::command(&cfg, &CommandMsg::Adapt).await
+        }),
+        Command::CancelAdapt => send(cli.config, |cfg| async move {
+            diredi_gateway::remote::command(&cfg, &CommandMsg::CancelAdapt).await
         }),
         Command::Rollback => send(cli.config, |cfg| async move {
             diredi_gateway::remote::command(&cfg, &CommandMsg::Rollback { to_version: None }).await

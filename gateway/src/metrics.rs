@@ -154,6 +154,8 @@ pub struct Metrics {
     pub adaptations: AtomicU64,
     /// Adaptations that failed or that the probe guard refused.
     pub adaptations_failed: AtomicU64,
+    /// Adaptations stopped by `cancel_adapt`.
+    pub adaptations_cancelled: AtomicU64,
     /// Knowledge publications (first sends and retries).
     pub knowledge_sent: AtomicU64,
     /// Knowledge packages the cloud acknowledged.
@@ -203,6 +205,8 @@ pub struct GatewayMetrics {
     pub adaptations: u64,
     /// Adaptations that failed or that the probe guard refused.
     pub adaptations_failed: u64,
+    /// Adaptations stopped by `cancel_adapt`.
+    pub adaptations_cancelled: u64,
     /// Knowledge publications (first sends and retries).
     pub knowledge_sent: u64,
     /// Knowledge packages the cloud acknowledged.
@@ -256,6 +260,7 @@ impl Metrics {
             labelled_windows: AtomicU64::new(0),
             adaptations: AtomicU64::new(0),
             adaptations_failed: AtomicU64::new(0),
+            adaptations_cancelled: AtomicU64::new(0),
             knowledge_sent: AtomicU64::new(0),
             knowledge_acked: AtomicU64::new(0),
             rejected,
@@ -334,6 +339,7 @@ impl Metrics {
             labelled_windows: load(&self.labelled_windows),
             adaptations: load(&self.adaptations),
             adaptations_failed: load(&self.adaptations_failed),
+            adaptations_cancelled: load(&self.adaptations_cancelled),
             knowledge_sent: load(&self.knowledge_sent),
             knowledge_acked: load(&self.knowledge_acked),
             outbox_pending: queues.outbox_pending as u64,

@@ -7,6 +7,8 @@
 
 #![allow(clippy::unwrap_used)]
 
+#[path = "gateway/adapt.rs"]
+mod adapt;
 #[path = "gateway/bad_input.rs"]
 mod bad_input;
 #[path = "gateway/cli.rs"]

@@ -17,6 +17,7 @@
 //! Guard: probe accuracy before and after; a drop of more than `guard_margin` refuses the
 //! result ([`AdaptError::Guard`]). Seeded (ChaCha8): same inputs and seed → same weights.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use candle_core::backprop::GradStore;
@@ -65,6 +66,14 @@ pub enum AdaptError {
         after: f64,
         /// The configured margin.
         margin: f64,
+    },
+    /// The caller cancelled the adaptation (see [`adapt_cancellable`]); nothing was produced.
+    #[error("adaptation cancelled after {steps} of {total} steps")]
+    Cancelled {
+        /// Optimiser steps done before the cancellation was seen.
+        steps: usize,
+        /// Steps the adaptation would have taken.
+        total: usize,
     },
     /// The loss became NaN or infinite.
     #[error("adaptation diverged (loss {0}); lower the learning rate")]
@@ -326,6 +335,27 @@ pub fn adapt(
     probe: &ProbeSet,
     cfg: &AdaptConfig,
 ) -> Result<Adapted, AdaptError> {
+    adapt_cancellable(
+        base,
+        base_classes,
+        exclusive,
+        probe,
+        cfg,
+        &AtomicBool::new(false),
+    )
+}
+
+/// [`adapt`], stopped by `cancel`: the flag is read before every optimiser step and before
+/// the final evaluation, so a cancellation takes effect within one mini-batch. A cancelled
+/// adaptation returns [`AdaptError::Cancelled`] and no model; `base` is never modified.
+pub fn adapt_cancellable(
+    base: &Net,
+    base_classes: &[String],
+    exclusive: Exclusive<'_>,
+    probe: &ProbeSet,
+    cfg: &AdaptConfig,
+    cancel: &AtomicBool,
+) -> Result<Adapted, AdaptError> {
     cfg.validate()?;
     let started = Instant::now();
     let bc = base.config();
@@ -405,9 +435,17 @@ pub fn adapt(
     let mut order: Vec<usize> = (0..n).collect();
     let mut step = 0;
     let use_probe = cfg.probe_weight > 0.0 && cfg.probe_batch > 0;
+    let cancelled = |steps| {
+        cancel
+            .load(Ordering::Acquire)
+            .then_some(AdaptError::Cancelled { steps, total })
+    };
     for _ in 0..cfg.epochs {
         order.shuffle(&mut rng);
         for chunk in order.chunks(cfg.batch_size) {
+            if let Some(e) = cancelled(step) {
+                return Err(e);
+            }
             let progress = step as f64 / total.max(1) as f64;
             let lr = cfg.lr * (0.1 + 0.9 * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()));
             opt_decay.set_learning_rate(lr);
@@ -470,6 +508,9 @@ pub fn adapt(
             opt_plain.step(&grads)?;
             step += 1;
         }
+    }
+    if let Some(e) = cancelled(step) {
+        return Err(e);
     }
     let dp_rho = match dp_noise.as_mut() {
         Some(noise) => {

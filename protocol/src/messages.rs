@@ -273,6 +273,9 @@ impl LabelMsg {
 pub enum CommandMsg {
     /// `{"cmd": "adapt"}`: adapt the model on the labels collected so far.
     Adapt,
+    /// `{"cmd": "cancel_adapt"}`: stop the running adaptation (within one training step); it
+    /// produces no knowledge and reports `{"state": "cancelled"}` on `adaptation`.
+    CancelAdapt,
     /// `{"cmd": "rollback", "to_version": <u64, optional>}`: return to an earlier model,
     /// by default the previous one.
     Rollback {
@@ -306,7 +309,7 @@ impl CommandMsg {
     pub fn parse(payload: &[u8]) -> Result<CommandMsg, MessageError> {
         serde_json::from_slice(payload).map_err(|e| MessageError::Malformed {
             what: "command",
-            expected: r#"{"cmd": "adapt"} or {"cmd": "rollback", "to_version": <optional u64>}"#,
+            expected: r#"{"cmd": "adapt"}, {"cmd": "cancel_adapt"} or {"cmd": "rollback", "to_version": <optional u64>}"#,
             detail: e.to_string(),
         })
     }
@@ -416,6 +419,10 @@ mod tests {
         assert_eq!(
             CommandMsg::parse(br#"{"cmd": "adapt"}"#),
             Ok(CommandMsg::Adapt)
+        );
+        assert_eq!(
+            CommandMsg::parse(br#"{"cmd": "cancel_adapt"}"#),
+            Ok(CommandMsg::CancelAdapt)
         );
         assert_eq!(
             CommandMsg::parse(br#"{"cmd": "rollback", "to_version": 4}"#),

@@ -240,86 +240,26 @@ async fn broker_down_at_start_and_restarted_later_is_survived() {
 /// the probabilities diredi-infer gives the same standardised window (tolerance 1e-4).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shipped_model_on_real_data_matches_direct_inference() {
-    let root = repo_root();
-    let (onnx_path, manifest_path) = (
-        root.join("onnx-models/hapt-student-v1.onnx"),
-        root.join("onnx-models/hapt-student-v1.json"),
-    );
-    let dataset = root.join("data/hapt");
-    if !onnx_path.is_file() && skip("onnx-models/hapt-student-v1.onnx") {
+    let Some(shipped) = shipped_model() else {
         return;
-    }
-    if !dataset.join("recordings.csv").is_file() && skip("data/hapt") {
-        return;
-    }
-    if !ort_available() && skip("ONNX Runtime") {
-        return;
-    }
-    // Re-sign the shipped manifest with the test key: this test is about the pipeline, the
-    // release signature is checked by `diredi-gateway validate` on the packaged config.
-    let onnx = std::fs::read(&onnx_path).unwrap();
-    let mut manifest: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&manifest_path).unwrap()).unwrap();
-    manifest.as_object_mut().unwrap().remove("signature");
-    let signed = diredi_protocol::sign_manifest(&manifest, &onnx, &signing_key()).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let file = signed["onnx_file"].as_str().unwrap().to_owned();
-    std::fs::write(dir.path().join(&file), &onnx).unwrap();
-    if let Some(probe) = signed["probe"]["file"].as_str() {
-        std::fs::copy(manifest_path.with_file_name(probe), dir.path().join(probe)).unwrap();
-    }
-    let local_manifest = dir.path().join("model.json");
-    std::fs::write(&local_manifest, serde_json::to_vec(&signed).unwrap()).unwrap();
-
+    };
+    let (signed, onnx, c) = (&shipped.signed, &shipped.onnx, shipped.channels.len());
     let input = &signed["input"];
-    let channels: Vec<String> = serde_json::from_value(input["channels"].clone()).unwrap();
     let mean: Vec<f32> = serde_json::from_value(input["mean"].clone()).unwrap();
     let std: Vec<f32> = serde_json::from_value(input["std"].clone()).unwrap();
     let classes: Vec<String> = serde_json::from_value(signed["classes"].clone()).unwrap();
     let window = input["window"].as_u64().unwrap() as usize;
     let stride = input["stride"].as_u64().unwrap() as usize;
     let rate = input["sample_rate_hz"].as_f64().unwrap();
-    let c = channels.len();
-
-    // First recording, columns in the model's channel order.
-    let index = std::fs::read_to_string(dataset.join("recordings.csv")).unwrap();
-    let first = index
-        .lines()
-        .nth(1)
-        .unwrap()
-        .split(',')
-        .nth(3)
-        .unwrap()
-        .trim()
-        .to_owned();
-    let text = std::fs::read_to_string(dataset.join("recordings").join(first)).unwrap();
-    let mut lines = text.lines();
-    let header: Vec<&str> = lines.next().unwrap().split(',').collect();
-    let cols: Vec<usize> = channels
-        .iter()
-        .map(|ch| {
-            header
-                .iter()
-                .position(|h| h == ch)
-                .expect("channel in recording")
-        })
-        .collect();
     let n_windows = 12;
-    let n = window + stride * (n_windows - 1);
-    let data: Vec<f32> = lines
-        .take(n)
-        .flat_map(|l| {
-            let f: Vec<&str> = l.split(',').collect();
-            cols.iter()
-                .map(move |&i| f[i].parse::<f32>().unwrap())
-                .collect::<Vec<_>>()
-        })
-        .collect();
-    assert_eq!(data.len(), n * c, "recording long enough");
+    let Some(data) = hapt_rows(&shipped.channels, window + stride * (n_windows - 1)) else {
+        return;
+    };
+    let local_manifest = &shipped.manifest;
 
     let port = free_port();
     let gw = Running::start(
-        compile(&config_table(port, true, Some(&local_manifest))),
+        compile(&config_table(port, true, Some(local_manifest))),
         None,
     );
     gw.ready().await;
@@ -335,7 +275,7 @@ async fn shipped_model_on_real_data_matches_direct_inference() {
     let got = obs.collect("/inference/hapt", n_windows, WAIT).await;
     assert_eq!(got.len(), n_windows);
 
-    let direct = OrtClassifier::from_bytes(&onnx, &SessionConfig::default()).unwrap();
+    let direct = OrtClassifier::from_bytes(onnx, &SessionConfig::default()).unwrap();
     for (k, m) in got.iter().enumerate() {
         let v = m.json();
         let mut nct = vec![0.0f32; c * window];

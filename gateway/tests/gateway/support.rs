@@ -452,6 +452,100 @@ pub fn fake_model(spec: &Spec) -> LoadedModel {
     .unwrap()
 }
 
+/// The shipped HAPT student, re-signed with the test key in a directory of its own (with its
+/// probe set). This is about the pipeline: the release signature is checked by
+/// `diredi-gateway validate` on the packaged config.
+pub struct Shipped {
+    /// Holds the files (removed when dropped).
+    _dir: tempfile::TempDir,
+    /// The re-signed manifest.
+    pub manifest: PathBuf,
+    /// Its content.
+    pub signed: serde_json::Value,
+    /// The ONNX bytes.
+    pub onnx: Vec<u8>,
+    /// The input channels, in the model's order.
+    pub channels: Vec<String>,
+}
+
+/// [`Shipped`], or `None` (after [`skip`]) when the model or ONNX Runtime is missing.
+pub fn shipped_model() -> Option<Shipped> {
+    let root = repo_root();
+    let (onnx_path, manifest_path) = (
+        root.join("onnx-models/hapt-student-v1.onnx"),
+        root.join("onnx-models/hapt-student-v1.json"),
+    );
+    if !onnx_path.is_file() && skip("onnx-models/hapt-student-v1.onnx") {
+        return None;
+    }
+    if !ort_available() && skip("ONNX Runtime") {
+        return None;
+    }
+    let onnx = std::fs::read(&onnx_path).unwrap();
+    let mut manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&manifest_path).unwrap()).unwrap();
+    manifest.as_object_mut().unwrap().remove("signature");
+    let signed = sign_manifest(&manifest, &onnx, &signing_key()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let file = signed["onnx_file"].as_str().unwrap().to_owned();
+    std::fs::write(dir.path().join(&file), &onnx).unwrap();
+    if let Some(probe) = signed["probe"]["file"].as_str() {
+        std::fs::copy(manifest_path.with_file_name(probe), dir.path().join(probe)).unwrap();
+    }
+    let local = dir.path().join("model.json");
+    std::fs::write(&local, serde_json::to_vec(&signed).unwrap()).unwrap();
+    let channels = serde_json::from_value(signed["input"]["channels"].clone()).unwrap();
+    Some(Shipped {
+        _dir: dir,
+        manifest: local,
+        signed,
+        onnx,
+        channels,
+    })
+}
+
+/// The first `n` rows of the first HAPT recording, columns in `channels` order, or `None`
+/// (after [`skip`]) when the converted data set is missing.
+pub fn hapt_rows(channels: &[String], n: usize) -> Option<Vec<f32>> {
+    let dataset = repo_root().join("data/hapt");
+    if !dataset.join("recordings.csv").is_file() && skip("data/hapt") {
+        return None;
+    }
+    let index = std::fs::read_to_string(dataset.join("recordings.csv")).unwrap();
+    let first = index
+        .lines()
+        .nth(1)
+        .unwrap()
+        .split(',')
+        .nth(3)
+        .unwrap()
+        .trim()
+        .to_owned();
+    let text = std::fs::read_to_string(dataset.join("recordings").join(first)).unwrap();
+    let mut lines = text.lines();
+    let header: Vec<&str> = lines.next().unwrap().split(',').collect();
+    let cols: Vec<usize> = channels
+        .iter()
+        .map(|ch| {
+            header
+                .iter()
+                .position(|h| h == ch)
+                .expect("channel in recording")
+        })
+        .collect();
+    let data: Vec<f32> = lines
+        .take(n)
+        .flat_map(|l| {
+            let f: Vec<&str> = l.split(',').collect();
+            cols.iter()
+                .map(move |&i| f[i].parse::<f32>().unwrap())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    assert_eq!(data.len(), n * channels.len(), "recording long enough");
+    Some(data)
+}
+
 // ------------------------------------------------------------------------------- configs
 
 /// Configuration as a TOML table with test defaults: gateway [`GW`], broker on `port`

@@ -6,7 +6,7 @@
 use std::collections::HashSet;
 
 use candle_core::{Device, Tensor};
-use diredi_learn::adapt::{adapt, AdaptConfig, AdaptError, Adapted, Exclusive};
+use diredi_learn::adapt::{adapt, adapt_cancellable, AdaptConfig, AdaptError, Adapted, Exclusive};
 use diredi_learn::knowledge::{
     extract, Knowledge, KnowledgeError, KnowledgeMeta, QuantConfig, MAX_KNOWLEDGE_BYTES,
 };
@@ -91,6 +91,54 @@ fn adaptation_raises_user_accuracy_and_keeps_the_probe() {
         );
         assert_eq!(a.histogram.iter().sum::<u32>() as usize, u.exclusive.n());
     }
+}
+
+/// A cancellation is seen within a step: set before the start, nothing is trained; set from
+/// another thread mid-way through a long adaptation, it stops early and returns no model.
+#[test]
+fn adaptation_stops_when_cancelled() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let Some(fx) = fixture() else {
+        return;
+    };
+    let u = user(fx, "2");
+    let names = labels(fx, &u.exclusive);
+    let run = |cfg: &AdaptConfig, cancel: &AtomicBool| {
+        let ex = Exclusive {
+            x: Windows::of(&u.exclusive).unwrap(),
+            labels: &names,
+        };
+        adapt_cancellable(&fx.installed, &fx.classes, ex, &fx.probe, cfg, cancel)
+    };
+    let already = AtomicBool::new(true);
+    match run(&AdaptConfig::default(), &already) {
+        Err(AdaptError::Cancelled { steps, total }) => assert_eq!((steps, total > 0), (0, true)),
+        other => panic!("expected a cancellation, got {:?}", other.map(|a| a.steps)),
+    }
+    // Long enough (1,000 epochs) that it cannot finish before the flag is set.
+    let long = AdaptConfig {
+        epochs: 1000,
+        ..AdaptConfig::default()
+    };
+    let cancel = AtomicBool::new(false);
+    let started = std::time::Instant::now();
+    let outcome = std::thread::scope(|s| {
+        let worker = s.spawn(|| run(&long, &cancel));
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        cancel.store(true, Ordering::Release);
+        worker.join().unwrap()
+    });
+    match outcome {
+        Err(AdaptError::Cancelled { steps, total }) => {
+            assert!(steps > 0 && steps < total, "{steps} of {total} steps")
+        }
+        other => panic!("expected a cancellation, got {:?}", other.map(|a| a.steps)),
+    }
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(20),
+        "the cancellation took {:?}",
+        started.elapsed()
+    );
 }
 
 #[test]
