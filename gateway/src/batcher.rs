@@ -5,6 +5,12 @@
 //! windows with [`WindowQueue::pop_batch`], waiting at most `max_wait` after the first one for
 //! the batch to fill.
 //!
+//! Wake-ups are what this queue saves. A producer wakes the consumers only when the queue
+//! goes from empty to one window (a consumer may be waiting for a first window) or reaches a
+//! full batch (a consumer may be waiting for it to fill), and only when one is waiting. A
+//! consumer filling a batch leaves the windows queued and sleeps until the batch is full or
+//! its `max_wait` has passed, instead of waking once per window.
+//!
 //! When the queue is full the configured [`QueuePolicy`] applies and the dropped window is
 //! counted (`windows_dropped` in the metrics): `drop_oldest` (default) evicts the window that
 //! has waited longest, since a fresh result is worth more to a live consumer; `drop_newest`
@@ -67,6 +73,12 @@ pub enum PushOutcome {
 struct State {
     jobs: VecDeque<WindowJob>,
     closed: bool,
+    /// Consumers blocked in [`WindowQueue::pop_batch`].
+    waiting: usize,
+    /// The largest `max_batch` a consumer waits for: a push that reaches it wakes them.
+    fill_target: usize,
+    /// Times a consumer woke from a wait.
+    wakeups: u64,
 }
 
 /// Bounded multi-producer, multi-consumer window queue.
@@ -86,6 +98,9 @@ impl WindowQueue {
             state: Mutex::new(State {
                 jobs: VecDeque::with_capacity(capacity),
                 closed: false,
+                waiting: 0,
+                fill_target: 1,
+                wakeups: 0,
             }),
             ready: Condvar::new(),
             capacity,
@@ -112,6 +127,11 @@ impl WindowQueue {
         self.len() == 0
     }
 
+    /// How often consumers have woken from a wait so far.
+    pub fn wakeups(&self) -> u64 {
+        self.lock().wakeups
+    }
+
     /// Adds a window, applying the queue policy when full. Never blocks.
     pub fn push(&self, job: WindowJob) -> PushOutcome {
         let mut st = self.lock();
@@ -134,8 +154,12 @@ impl WindowQueue {
                 }
             }
         };
+        let len = st.jobs.len();
+        let wake = st.waiting > 0 && (len == 1 || len == st.fill_target.min(self.capacity));
         drop(st);
-        self.ready.notify_one();
+        if wake {
+            self.ready.notify_all();
+        }
         outcome
     }
 
@@ -160,38 +184,43 @@ impl WindowQueue {
     ) -> bool {
         let max_batch = max_batch.max(1);
         let mut st = self.lock();
-        while st.jobs.is_empty() {
-            if st.closed {
-                return false;
-            }
-            st = self
-                .ready
-                .wait_timeout(st, idle_tick)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
-            on_idle();
-        }
-        let deadline = Instant::now() + max_wait;
+        st.fill_target = st.fill_target.max(max_batch);
         loop {
-            while out.len() < max_batch {
-                match st.jobs.pop_front() {
-                    Some(j) => out.push(j),
-                    None => break,
+            while st.jobs.is_empty() {
+                if st.closed {
+                    return false;
                 }
+                st = self.wait(st, idle_tick);
+                on_idle();
             }
-            if out.len() >= max_batch || st.closed {
+            // Let the batch fill in the queue: producers wake us only when it is full.
+            let deadline = Instant::now() + max_wait;
+            while st.jobs.len() < max_batch && !st.closed {
+                let now = Instant::now();
+                if now >= deadline {
+                    break;
+                }
+                st = self.wait(st, deadline - now);
+            }
+            // Another consumer may have taken them meanwhile: then wait for the next one.
+            if !st.jobs.is_empty() || st.closed {
+                let n = st.jobs.len().min(max_batch);
+                out.extend(st.jobs.drain(..n));
                 return true;
             }
-            let now = Instant::now();
-            if now >= deadline {
-                return true;
-            }
-            st = self
-                .ready
-                .wait_timeout(st, deadline - now)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
         }
+    }
+
+    fn wait<'a>(&self, mut st: MutexGuard<'a, State>, limit: Duration) -> MutexGuard<'a, State> {
+        st.waiting += 1;
+        let mut st = self
+            .ready
+            .wait_timeout(st, limit)
+            .unwrap_or_else(|e| e.into_inner())
+            .0;
+        st.waiting -= 1;
+        st.wakeups += 1;
+        st
     }
 }
 
@@ -312,6 +341,64 @@ mod tests {
         let t0 = Instant::now();
         assert_eq!(pop(&q, 2, 30), Some(vec![2]));
         assert!(t0.elapsed() >= Duration::from_millis(30));
+    }
+
+    /// A consumer filling a batch is not woken once per window: 20 windows pushed one by
+    /// one while it waits wake it once for the first and once for the full batch.
+    #[test]
+    fn a_filling_consumer_wakes_for_the_first_window_and_the_full_batch_only() {
+        let q = Arc::new(WindowQueue::new(64, QueuePolicy::DropOldest));
+        let consumer = {
+            let q = q.clone();
+            thread::spawn(move || pop(&q, 20, 5_000))
+        };
+        while q.lock().waiting == 0 {
+            thread::sleep(Duration::from_millis(1));
+        }
+        let before = q.wakeups();
+        let t0 = Instant::now();
+        for i in 0..20 {
+            q.push(job(i));
+            thread::sleep(Duration::from_millis(2));
+        }
+        assert_eq!(consumer.join().unwrap(), Some((0..20).collect()));
+        assert!(
+            t0.elapsed() < Duration::from_secs(4),
+            "the full batch woke it"
+        );
+        let woke = q.wakeups() - before;
+        // The OS may wake a waiter spuriously: leave room for a couple.
+        assert!(woke <= 4, "{woke} wake-ups for 20 windows");
+    }
+
+    #[test]
+    fn two_consumers_share_the_windows_without_loss_or_duplicates() {
+        let q = Arc::new(WindowQueue::new(1024, QueuePolicy::DropNewest));
+        let consumers: Vec<_> = (0..2)
+            .map(|_| {
+                let q = q.clone();
+                thread::spawn(move || {
+                    let mut got = Vec::new();
+                    while let Some(batch) = pop(&q, 7, 1) {
+                        got.extend(batch);
+                    }
+                    got
+                })
+            })
+            .collect();
+        for i in 0..1000 {
+            assert!(matches!(q.push(job(i)), PushOutcome::Queued));
+            if i % 50 == 0 {
+                thread::sleep(Duration::from_millis(1));
+            }
+        }
+        q.close();
+        let mut all: Vec<u64> = consumers
+            .into_iter()
+            .flat_map(|c| c.join().unwrap())
+            .collect();
+        all.sort_unstable();
+        assert_eq!(all, (0..1000).collect::<Vec<_>>());
     }
 
     #[test]

@@ -150,7 +150,7 @@ impl Default for RawMqtt {
             keep_alive_s: 30,
             qos: 0,
             max_packet_bytes: 1024 * 1024,
-            request_capacity: 4096,
+            request_capacity: 1024,
             reconnect_min_ms: 250,
             reconnect_max_ms: 4_000,
             ca_file: String::new(),
@@ -281,8 +281,8 @@ impl Default for RawPipeline {
     fn default() -> Self {
         RawPipeline {
             decode_threads: 1,
-            ingest_capacity: 1024,
-            queue_capacity: 1024,
+            ingest_capacity: 256,
+            queue_capacity: 256,
             queue_policy: QueuePolicy::DropOldest,
             max_sensors: 64,
             max_payload_bytes: 64 * 1024,

@@ -16,9 +16,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use diredi_protocol::messages::InferenceMsg;
 use ndarray::ArrayView3;
 use rumqttc::QoS;
+use serde::ser::{Serialize, SerializeMap, Serializer};
 
 use crate::batcher::{BufferPool, WindowJob, WindowQueue};
 use crate::metrics::Metrics;
@@ -37,6 +37,57 @@ pub struct BatchSettings {
     pub qos: QoS,
 }
 
+/// An inference message as [`diredi_protocol::messages::InferenceMsg`] serialises it, byte
+/// for byte, but borrowing its strings: no allocation per class and window (the
+/// probabilities go out in the order of `by_name`, the class indices sorted by name, which is
+/// the order of the contract's `BTreeMap`).
+#[derive(serde::Serialize)]
+struct InferenceOut<'a> {
+    sensor: &'a str,
+    ts: i64,
+    label: &'a str,
+    confidence: f32,
+    probabilities: Probabilities<'a>,
+    model_version: u64,
+    latency_ms: f64,
+    window_id: WindowId<'a>,
+}
+
+struct Probabilities<'a> {
+    classes: &'a [String],
+    by_name: &'a [usize],
+    row: &'a [f32],
+}
+
+impl Serialize for Probabilities<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut map = s.serialize_map(Some(self.by_name.len()))?;
+        for &i in self.by_name {
+            if let (Some(class), Some(p)) = (self.classes.get(i), self.row.get(i)) {
+                map.serialize_entry(class, p)?;
+            }
+        }
+        map.end()
+    }
+}
+
+/// `{sensor}:{index}`.
+struct WindowId<'a>(&'a str, u64);
+
+impl Serialize for WindowId<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&format_args!("{}:{}", self.0, self.1))
+    }
+}
+
+/// Class indices in the order of their names (duplicates: the last one, as a map keeps it).
+fn sorted_by_name(classes: &[String]) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..classes.len()).collect();
+    order.sort_by(|&a, &b| classes[a].cmp(&classes[b]).then(b.cmp(&a)));
+    order.dedup_by(|a, b| classes[*a] == classes[*b]);
+    order
+}
+
 /// One inference thread's state.
 pub struct Worker {
     queue: Arc<WindowQueue>,
@@ -50,6 +101,8 @@ pub struct Worker {
     input: Vec<f32>,
     latencies: Vec<Duration>,
     failures_logged: u64,
+    /// Class order of the serialised probabilities, for the model generation it was made for.
+    by_name: (u64, Vec<usize>),
 }
 
 impl Worker {
@@ -75,6 +128,7 @@ impl Worker {
             input: Vec::new(),
             latencies: Vec::with_capacity(settings.max_batch),
             failures_logged: 0,
+            by_name: (u64::MAX, Vec::new()),
         }
     }
 
@@ -149,6 +203,9 @@ impl Worker {
 
     fn publish(&mut self, model: &LoadedModel, mut out: ndarray::Array2<f32>) {
         let spec = model.spec();
+        if self.by_name.0 != model.generation() {
+            self.by_name = (model.generation(), sorted_by_name(&spec.classes));
+        }
         let done = Instant::now();
         self.latencies.clear();
         let mut inferred = 0;
@@ -166,20 +223,19 @@ impl Worker {
                     );
             let latency = done.saturating_duration_since(job.ready_at);
             self.latencies.push(latency);
-            let msg = InferenceMsg {
-                sensor: job.sensor.id.to_string(),
+            let msg = InferenceOut {
+                sensor: &job.sensor.id,
                 ts: job.end_ts_ms,
-                label: spec.classes.get(best).cloned().unwrap_or_default(),
+                label: spec.classes.get(best).map_or("", String::as_str),
                 confidence,
-                probabilities: spec
-                    .classes
-                    .iter()
-                    .cloned()
-                    .zip(row.iter().copied())
-                    .collect(),
+                probabilities: Probabilities {
+                    classes: &spec.classes,
+                    by_name: &self.by_name.1,
+                    row,
+                },
                 model_version: spec.version,
                 latency_ms: latency.as_secs_f64() * 1000.0,
-                window_id: format!("{}:{}", job.sensor.id, job.index),
+                window_id: WindowId(&job.sensor.id, job.index),
             };
             inferred += 1;
             let sent = serde_json::to_vec(&msg).ok().is_some_and(|payload| {
@@ -273,6 +329,50 @@ mod tests {
         assert_eq!(metrics.windows_inferred.load(Ordering::Relaxed), 2);
         let snap = metrics.snapshot(0, Default::default());
         assert!(snap.base.latency_ms_p99.is_some());
+    }
+
+    /// The borrowed form serialises to the very bytes of the contract's `InferenceMsg`,
+    /// whatever the order of the class names.
+    #[test]
+    fn the_borrowed_message_is_the_contract_byte_for_byte() {
+        use diredi_protocol::messages::InferenceMsg;
+        let classes: Vec<String> = ["walk", "sit", "Stand", "lie", "sit_to_stand", "a"]
+            .iter()
+            .map(|c| (*c).to_owned())
+            .collect();
+        let row = [0.1f32, 0.25, 0.05, 0.3, 1e-7, 0.2999];
+        let by_name = sorted_by_name(&classes);
+        let out = InferenceOut {
+            sensor: "phone-1",
+            ts: -17,
+            label: "lie",
+            confidence: 0.3,
+            probabilities: Probabilities {
+                classes: &classes,
+                by_name: &by_name,
+                row: &row,
+            },
+            model_version: 9,
+            latency_ms: 1.234_567,
+            window_id: WindowId("phone-1", 42),
+        };
+        let msg = InferenceMsg {
+            sensor: "phone-1".into(),
+            ts: -17,
+            label: "lie".into(),
+            confidence: 0.3,
+            probabilities: classes.iter().cloned().zip(row).collect(),
+            model_version: 9,
+            latency_ms: 1.234_567,
+            window_id: "phone-1:42".into(),
+        };
+        assert_eq!(
+            String::from_utf8(serde_json::to_vec(&out).unwrap()).unwrap(),
+            String::from_utf8(serde_json::to_vec(&msg).unwrap()).unwrap()
+        );
+        // A repeated class name keeps the last value, as the map does.
+        let dup: Vec<String> = ["b", "a", "b"].iter().map(|c| (*c).to_owned()).collect();
+        assert_eq!(sorted_by_name(&dup), vec![1, 2]);
     }
 
     #[test]

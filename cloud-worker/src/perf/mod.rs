@@ -920,7 +920,12 @@ fn gateway_bin_shown(args: &PerfArgs) -> String {
         .clone()
         .or_else(|| default_gateway_bin().ok())
         .unwrap_or_default();
-    let bin = std::fs::canonicalize(&bin).unwrap_or(bin);
+    shown_path(&bin)
+}
+
+/// `path` relative to the working directory when under it, else as it is.
+fn shown_path(path: &Path) -> String {
+    let bin = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
     let cwd = std::env::current_dir()
         .and_then(std::fs::canonicalize)
         .unwrap_or_default();

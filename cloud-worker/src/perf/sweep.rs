@@ -7,11 +7,15 @@
 //! - `max_batch`: largest micro-batch (`[runtime] max_batch`);
 //! - `max_wait_ms`: how long a worker waits for a batch to fill (`[runtime] max_wait_ms`; 0
 //!   takes what is queued);
-//! - `format`: payload format (JSON, SenML, binary).
+//! - `format`: payload format (JSON, SenML, binary);
+//! - `gateway_bin`: gateway binaries (`--sweep-gateway-bins`), for example before and after a
+//!   change: the same load on each, side by side in one run.
 //!
 //! Every point is a fresh broker and gateway with a flat-out phase (throughput) and a load
-//! phase at half of it (latency, in == out), as in `perf run`. The inference limit is
-//! measured once at the start. Output: JSON, a Markdown table per curve and an SVG plot.
+//! phase at half of it (latency, in == out), as in `perf run`. With `--repeat`, the runs go
+//! round the points (every point once, then every point again), so a drift of the machine's
+//! load reaches every point alike. The inference limit is measured once at the start.
+//! Output: JSON, a Markdown table per curve and an SVG plot.
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -52,12 +56,17 @@ pub struct SweepArgs {
         default_value = "json,senml,binary"
     )]
     pub sweep_formats: Vec<PayloadFormat>,
+    /// Gateway binaries of the `gateway_bin` curve (for example a build before a change and
+    /// one after it).
+    #[arg(long, value_delimiter = ',')]
+    pub sweep_gateway_bins: Vec<PathBuf>,
     /// Runs of every point (each on a fresh broker and gateway); the tables and the plot give
     /// the median, the JSON every run.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=20))]
     pub repeat: u32,
     /// Curves to run (comma-separated): sensors, intra_threads, workers, max_batch,
-    /// max_wait_ms, format.
+    /// max_wait_ms, format, gateway_bin (not in the default: it needs
+    /// `--sweep-gateway-bins`).
     #[arg(
         long,
         value_delimiter = ',',
@@ -103,15 +112,18 @@ struct Setting {
     sensors: u32,
     format: PayloadFormat,
     env: Vec<(String, String)>,
+    /// Another gateway binary than `--gateway-bin`.
+    gateway_bin: Option<PathBuf>,
 }
 
-const CURVES: [&str; 6] = [
+const CURVES: [&str; 7] = [
     "sensors",
     "intra_threads",
     "workers",
     "max_batch",
     "max_wait_ms",
     "format",
+    "gateway_bin",
 ];
 
 fn settings(args: &SweepArgs) -> Result<Vec<Setting>> {
@@ -127,6 +139,7 @@ fn settings(args: &SweepArgs) -> Result<Vec<Setting>> {
         sensors: base.sensors,
         format: base.format,
         env,
+        gateway_bin: None,
     };
     let env = |k: &str, v: u32| vec![(k.to_owned(), v.to_string())];
     let mut out = Vec::new();
@@ -161,6 +174,15 @@ fn settings(args: &SweepArgs) -> Result<Vec<Setting>> {
                     .iter()
                     .map(|&n| point(curve, n.to_string(), env("DIREDI_RUNTIME__MAX_BATCH", n))),
             ),
+            "gateway_bin" => {
+                if args.sweep_gateway_bins.is_empty() {
+                    anyhow::bail!("the gateway_bin curve needs --sweep-gateway-bins A,B");
+                }
+                out.extend(args.sweep_gateway_bins.iter().map(|b| Setting {
+                    gateway_bin: Some(b.clone()),
+                    ..point(curve, super::shown_path(b), Vec::new())
+                }))
+            }
             _ => out.extend(args.sweep_formats.iter().map(|&f| Setting {
                 format: f,
                 ..point(curve, super::format_name(f).to_owned(), Vec::new())
@@ -176,18 +198,18 @@ pub async fn run(args: SweepArgs, shutdown: CancellationToken) -> Result<()> {
     let load_average_start = super::load_average();
     let limit = super::inference_limit(&args.base).await?;
     let mut points = Vec::new();
-    for (i, s) in points_todo.iter().enumerate() {
+    for (run, (i, s)) in
+        (0..args.repeat).flat_map(|run| points_todo.iter().enumerate().map(move |p| (run, p)))
+    {
         let mut a = args.base.clone();
         a.sensors = s.sensors;
         a.format = s.format;
         a.gateway_env.extend(s.env.iter().cloned());
+        if let Some(bin) = &s.gateway_bin {
+            a.gateway_bin = Some(bin.clone());
+        }
         let ctx = Ctx::new(&a, shutdown.clone())?;
-        for (&t, run) in a
-            .targets
-            .iter()
-            .filter(|t| **t != Target::PythonMosquitto)
-            .flat_map(|t| (0..args.repeat).map(move |r| (t, r)))
-        {
+        for &t in a.targets.iter().filter(|t| **t != Target::PythonMosquitto) {
             eprintln!(
                 "perf sweep [{}/{}]: {} = {} on {}, run {} of {}",
                 i + 1,
@@ -526,6 +548,36 @@ mod tests {
         );
         let bad = Cli::try_parse_from(["x", "--curves", "colour"]).unwrap();
         assert!(settings(&bad.args).is_err());
+        let no_bins = Cli::try_parse_from(["x", "--curves", "gateway_bin"]).unwrap();
+        assert!(settings(&no_bins.args).is_err());
+        let bins = Cli::try_parse_from([
+            "x",
+            "--curves",
+            "gateway_bin",
+            "--sweep-gateway-bins",
+            "before/diredi-gateway,after/diredi-gateway",
+        ])
+        .unwrap();
+        let s = settings(&bins.args).unwrap();
+        let got: Vec<(&str, Option<&std::path::Path>, usize)> = s
+            .iter()
+            .map(|s| (s.value.as_str(), s.gateway_bin.as_deref(), s.env.len()))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (
+                    "before/diredi-gateway",
+                    Some(std::path::Path::new("before/diredi-gateway")),
+                    0
+                ),
+                (
+                    "after/diredi-gateway",
+                    Some(std::path::Path::new("after/diredi-gateway")),
+                    0
+                ),
+            ]
+        );
     }
 
     fn point(value: &str, run: u32, wps: f64, p99: f64, rss: f64) -> Point {
