@@ -145,8 +145,16 @@ impl Link {
     }
 }
 
+/// Windows sent before the labels sent with them must have reached the gateway. The broker
+/// may deliver a window and its label (two topics) in either order, and the gateway keeps the
+/// last `[learning] recent_windows` (32) windows of a sensor for labels that come after them:
+/// half of that bounds how far a label can fall behind its window.
+const LABEL_CHUNK: usize = 16;
+
 /// Sends each window of `set` as its own message on `sensor`, starting at `t0`; returns the
-/// end timestamp of every window. Labels go too when `labels` is given.
+/// end timestamp of every window. Labels go too when `labels` is given, [`LABEL_CHUNK`]
+/// windows at a time, each chunk once the gateway has counted the labels before it
+/// (`labels_in` in its metrics).
 async fn send_windows(
     link: &mut Link,
     dataset: &Dataset,
@@ -158,8 +166,26 @@ async fn send_windows(
 ) -> Result<Vec<i64>> {
     let (c, t) = (set.channels, set.len);
     let span = ((t - 1) as f64 * period_ms).round() as i64;
+    let metrics = link.topics.metrics();
+    let labels_in = |v: &serde_json::Value| v["labels_in"].as_u64().unwrap_or(0);
+    let mut labels_base = None;
+    if classes.is_some() {
+        let until = Instant::now() + Duration::from_secs(30);
+        let v = link
+            .wait_json(&metrics, until, |_| true)
+            .await
+            .context("waiting for the gateway's metrics")?;
+        labels_base = Some(labels_in(&v));
+    }
     let mut ends = Vec::with_capacity(set.refs.len());
     for (i, r) in set.refs.iter().enumerate() {
+        if let Some(base) = labels_base.filter(|_| i > 0 && i % LABEL_CHUNK == 0) {
+            let want = base + i as u64;
+            let until = Instant::now() + Duration::from_secs(60);
+            link.wait_json(&metrics, until, |v| labels_in(v) >= want)
+                .await
+                .with_context(|| format!("waiting for the gateway to count {i} labels"))?;
+        }
         let rec = &dataset.recordings[r.recording];
         let rows: Vec<f32> = (r.start..r.start + t)
             .flat_map(|k| rec.row(k).iter().copied())
