@@ -237,6 +237,11 @@ pub struct RawRuntime {
     pub max_wait_ms: u64,
     /// At shutdown, longest time spent finishing queued windows, in milliseconds (max 4000).
     pub drain_timeout_ms: u64,
+    /// Threads of the async runtime (MQTT connections, installs, timers); 0 = one per core.
+    pub async_threads: usize,
+    /// Once serving (and after each model install or adaptation), unmap the read-only file
+    /// pages (code and constants) that only loading needed; see `memory`.
+    pub release_startup_pages: bool,
 }
 
 impl Default for RawRuntime {
@@ -250,6 +255,8 @@ impl Default for RawRuntime {
             max_batch: 32,
             max_wait_ms: 2,
             drain_timeout_ms: 3000,
+            async_threads: 0,
+            release_startup_pages: true,
         }
     }
 }
@@ -648,6 +655,10 @@ pub struct RuntimeConfig {
     pub max_wait: Duration,
     /// Longest drain at shutdown.
     pub drain_timeout: Duration,
+    /// Async runtime threads; 0 = one per core.
+    pub async_threads: usize,
+    /// Unmap start-up-only file pages once serving.
+    pub release_startup_pages: bool,
 }
 
 /// Decoding, windowing and queues.
@@ -1079,6 +1090,7 @@ pub fn compile(raw: &RawConfig, base: &Path, source: Option<&Path>) -> Result<Co
     c.range("runtime.inter_threads", rt.inter_threads, 1, 64);
     c.range("runtime.max_batch", rt.max_batch, 1, 4096);
     c.range("runtime.max_wait_ms", rt.max_wait_ms, 0, 1000);
+    c.range("runtime.async_threads", rt.async_threads, 0, 64);
     c.range(
         "runtime.drain_timeout_ms",
         rt.drain_timeout_ms,
@@ -1098,6 +1110,8 @@ pub fn compile(raw: &RawConfig, base: &Path, source: Option<&Path>) -> Result<Co
         max_batch: rt.max_batch,
         max_wait: Duration::from_millis(rt.max_wait_ms),
         drain_timeout: Duration::from_millis(rt.drain_timeout_ms),
+        async_threads: rt.async_threads,
+        release_startup_pages: rt.release_startup_pages,
     };
 
     // [pipeline]

@@ -655,6 +655,7 @@ impl Installer {
                 self.previous = Some((installed, old_path));
                 self.model.store(Arc::new(loaded));
                 tracing::info!(version, "Model installed and serving.");
+                self.release_pages("model install");
                 self.publish_status(stage("committed", Some(version), None))
                     .await;
             }
@@ -663,6 +664,13 @@ impl Installer {
                 let e = InstallError::Smoke(format!("install task failed: {e}"));
                 self.reject(Some(version), &e).await;
             }
+        }
+    }
+
+    /// Unmaps the code pages only loading ran, off the async threads ([`crate::memory`]).
+    fn release_pages(&self, after: &'static str) {
+        if self.runtime.release_startup_pages {
+            tokio::task::spawn_blocking(move || crate::memory::release_after(after));
         }
     }
 
@@ -694,6 +702,7 @@ impl Installer {
         self.active_path = prev_path;
         self.model.store(prev);
         tracing::info!(version, "Rolled back to the previous model.");
+        self.release_pages("rollback");
         self.publish_status(stage("rolled_back", Some(version), None))
             .await;
         Ok(version)

@@ -240,6 +240,8 @@ pub struct Learner {
     quant: QuantConfig,
     serve: Option<SessionConfig>,
     nice: i32,
+    /// Unmap start-up-only file pages after each adaptation ([`crate::memory`]).
+    release_pages: bool,
     busy: AtomicBool,
     /// Set by `cancel_adapt`, read by the running adaptation; cleared when one starts.
     cancel: AtomicBool,
@@ -283,12 +285,19 @@ impl Learner {
             quant,
             serve,
             nice,
+            release_pages: false,
             busy: AtomicBool::new(false),
             cancel: AtomicBool::new(false),
             wake: Notify::new(),
             leases: std::sync::Mutex::default(),
             metrics,
         }
+    }
+
+    /// After each adaptation, unmap the code pages only training ran ([`crate::memory`]).
+    pub fn releasing_pages(mut self, on: bool) -> Self {
+        self.release_pages = on;
+        self
     }
 
     /// Waits (up to `limit`) for a running adaptation to finish, so that its result reaches
@@ -344,6 +353,9 @@ impl Learner {
                         me.run_once()
                     }
                 };
+                if me.release_pages {
+                    crate::memory::release_after("adaptation");
+                }
                 let counter = match &outcome {
                     Ok(_) => &me.metrics.adaptations,
                     Err(LearnError::Cancelled { .. }) => &me.metrics.adaptations_cancelled,

@@ -39,6 +39,7 @@ pub mod install;
 pub mod labels;
 pub mod learner;
 pub mod logging;
+pub mod memory;
 pub mod metrics;
 pub mod model;
 pub mod mqtt;
@@ -188,9 +189,15 @@ pub async fn run_with(
                 config.runtime.clone(),
                 state_dir.clone(),
             );
-            tokio::task::spawn_blocking(move || install::startup_model(&mc, &rc, sd.as_deref()))
-                .await
-                .map_err(|e| GatewayError::Pipeline(format!("model loading task failed: {e}")))??
+            tokio::task::spawn_blocking(move || {
+                let loaded = install::startup_model(&mc, &rc, sd.as_deref());
+                if rc.release_startup_pages {
+                    memory::release_after("model load");
+                }
+                loaded
+            })
+            .await
+            .map_err(|e| GatewayError::Pipeline(format!("model loading task failed: {e}")))??
         }
     };
     {
@@ -256,21 +263,24 @@ pub async fn run_with(
                 outbox_pending = outbox.len().unwrap_or(0),
                 "Exclusive data store and knowledge outbox open."
             );
-            let learner = Arc::new(learner::Learner::new(
-                store.clone(),
-                Arc::new(outbox),
-                model.clone(),
-                topics.clone(),
-                l.adapt.clone(),
-                l.quant.clone(),
-                l.serve_adapted.then(|| diredi_infer::SessionConfig {
-                    intra_threads: config.runtime.intra_threads,
-                    inter_threads: config.runtime.inter_threads,
-                    providers: config.runtime.providers.clone(),
-                }),
-                l.adapt_nice,
-                metrics.clone(),
-            ));
+            let learner = Arc::new(
+                learner::Learner::new(
+                    store.clone(),
+                    Arc::new(outbox),
+                    model.clone(),
+                    topics.clone(),
+                    l.adapt.clone(),
+                    l.quant.clone(),
+                    l.serve_adapted.then(|| diredi_infer::SessionConfig {
+                        intra_threads: config.runtime.intra_threads,
+                        inter_threads: config.runtime.inter_threads,
+                        providers: config.runtime.providers.clone(),
+                    }),
+                    l.adapt_nice,
+                    metrics.clone(),
+                )
+                .releasing_pages(config.runtime.release_startup_pages),
+            );
             (
                 Some(ShardLearning {
                     store,
@@ -584,6 +594,9 @@ pub async fn run_with(
                     is_ready = true;
                     notifier.ready();
                     notifier.status("Serving");
+                    if config.runtime.release_startup_pages {
+                        tokio::task::spawn_blocking(|| memory::release_after("start-up"));
+                    }
                     tracing::info!(gateway_id = %identity.gateway_id, topic = %topics.sensor_filter(), "Ready.");
                 }
             }

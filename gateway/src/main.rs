@@ -243,11 +243,11 @@ fn run(file: Option<PathBuf>) -> ExitCode {
         }
     };
     diredi_gateway::logging::init(&cfg.log_level, cfg.log_format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .thread_name("diredi-async")
-        .build()
-    {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if cfg.runtime.async_threads > 0 {
+        builder.worker_threads(cfg.runtime.async_threads);
+    }
+    let runtime = match builder.enable_all().thread_name("diredi-async").build() {
         Ok(rt) => rt,
         Err(e) => {
             tracing::error!(error = %e, "Cannot start the async runtime.");
