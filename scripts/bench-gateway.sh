@@ -64,7 +64,7 @@ if ((sweep)); then
   echo "wrote out/perf/sweep.json, out/perf/sweep.md, out/perf/sweep.svg" >&2
   exit 0
 fi
-"target/$profile/diredi-cloud-worker" perf run "${gateway[@]}" \
+"target/$profile/diredi-cloud-worker" perf run "${gateway[@]}" --sustain-seconds 5 \
   --python "$venv/bin/python" \
   --json out/perf/perf.json --report out/perf/perf.md --plot out/perf/perf.svg "$@"
 echo "wrote out/perf/perf.json, out/perf/perf.md, out/perf/perf.svg" >&2

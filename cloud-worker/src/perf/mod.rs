@@ -139,6 +139,11 @@ pub struct PerfArgs {
     /// (then `--rate` is needed).
     #[arg(long, default_value_t = 10.0)]
     pub max_seconds: f64,
+    /// Seconds of each step of the sustained-rate search, which looks for the highest fixed
+    /// offered rate a target serves with no lost window and keeps up with (see
+    /// [`Sustained`]); 0 skips it. It starts from the flat-out phase's rate.
+    #[arg(long, default_value_t = 0.0)]
+    pub sustain_seconds: f64,
     /// Seconds of the fixed-rate load phase of each target.
     #[arg(long, default_value_t = 10.0)]
     pub seconds: f64,
@@ -146,7 +151,8 @@ pub struct PerfArgs {
     /// of each target's own flat-out throughput.
     #[arg(long)]
     pub rate: Option<f64>,
-    /// Fraction of a target's flat-out throughput offered in its load phase.
+    /// Fraction of a target's maximum throughput offered in its load phase: of the sustained
+    /// rate when the search ran, else of the flat-out rate.
     #[arg(long, default_value_t = 0.5)]
     pub load_fraction: f64,
     /// Seconds per batch size of the inference limit.
@@ -255,11 +261,86 @@ pub struct TargetResult {
     pub rss_peak_mib: f64,
     /// Flat out.
     pub max: Option<Phase>,
+    /// The sustained-rate search.
+    pub sustained: Option<Sustained>,
     /// At the fixed offered rate.
     pub load: Phase,
     #[serde(skip)]
     pub load_latencies_ms: Vec<f64>,
 }
+
+/// The highest rate a target sustains. Flat out, the load generator itself takes CPU from the
+/// machine the gateway runs on; at a fixed rate it takes only what that rate needs. The search
+/// offers fixed rates, each for `--sustain-seconds`: first 0.9 × the flat-out rate, then 15%
+/// more after each step that passed, or 20% less after each that missed, until the outcome
+/// changes; then it bisects between the highest pass and the lowest miss until they are
+/// within [`SUSTAIN_RESOLUTION`] (at most [`SUSTAIN_STEPS`] steps in all).
+#[derive(Debug, Clone, Serialize)]
+pub struct Sustained {
+    /// Highest offered windows/s that passed; 0 when no step did.
+    pub windows_per_second: f64,
+    pub steps: Vec<SustainStep>,
+}
+
+/// Most steps of the sustained-rate search.
+pub const SUSTAIN_STEPS: usize = 8;
+
+/// One fixed rate of the sustained-rate search.
+#[derive(Debug, Clone, Serialize)]
+pub struct SustainStep {
+    pub offered_windows_per_second: f64,
+    /// Results received per second while the load ran.
+    pub windows_per_second: f64,
+    pub windows_in: u64,
+    pub windows_lost: i64,
+    pub latency_ms: Option<Latency>,
+    /// No window lost, and results came at ≥ [`KEEP_UP`] of the offered rate while the
+    /// load ran (the gateway kept up rather than catching up after it).
+    pub passed: bool,
+}
+
+/// Delivered / offered that counts as keeping up.
+pub const KEEP_UP: f64 = 0.98;
+
+impl SustainStep {
+    fn of(p: &Phase, offered: f64) -> Self {
+        SustainStep {
+            offered_windows_per_second: offered,
+            windows_per_second: p.windows_per_second,
+            windows_in: p.windows_in,
+            windows_lost: p.windows_lost,
+            latency_ms: p.latency_ms.clone(),
+            passed: p.windows_in > 0
+                && p.windows_lost == 0
+                && p.windows_per_second >= KEEP_UP * offered,
+        }
+    }
+}
+
+/// The next rate of the search after `steps`, or `None` when it is over.
+pub fn next_sustain_rate(steps: &[SustainStep]) -> Option<f64> {
+    if steps.is_empty() || steps.len() >= SUSTAIN_STEPS {
+        return None;
+    }
+    let rates = |passed: bool| {
+        steps
+            .iter()
+            .filter(move |s| s.passed == passed)
+            .map(|s| s.offered_windows_per_second)
+    };
+    let best_pass = rates(true).reduce(f64::max);
+    let lowest_miss = rates(false).reduce(f64::min);
+    match (best_pass, lowest_miss) {
+        (Some(p), None) => Some(p * 1.15),
+        (None, Some(m)) => Some(m * 0.8),
+        (Some(p), Some(m)) if m > p * (1.0 + SUSTAIN_RESOLUTION) => Some((p + m) / 2.0),
+        _ => None,
+    }
+}
+
+/// The search stops once the lowest missed rate is within this fraction above the highest
+/// passed one.
+pub const SUSTAIN_RESOLUTION: f64 = 0.05;
 
 /// Mosquitto publish → subscribe, flat out, with the same payloads.
 #[derive(Debug, Clone, Serialize)]
@@ -303,7 +384,7 @@ pub struct PerfReport {
     pub targets: Vec<TargetResult>,
     /// Targets that were asked for but not run, with the reason.
     pub skipped: BTreeMap<String, String>,
-    /// Throughput ratios (flat-out windows/s, or load-phase windows/s without a flat-out
+    /// Throughput ratios ([`throughput`]: the sustained rate, else flat out, else the load
     /// phase): `a_over_b`.
     pub ratios: BTreeMap<String, f64>,
 }
@@ -442,8 +523,12 @@ fn load_average() -> Option<f64> {
         .ok()
 }
 
-/// Throughput of a target for the ratios.
+/// Throughput of a target for the ratios: the sustained rate when the search ran, else the
+/// flat-out phase's, else the load phase's.
 pub fn throughput(t: &TargetResult) -> f64 {
+    if let Some(s) = &t.sustained {
+        return s.windows_per_second;
+    }
     t.max
         .as_ref()
         .map_or(t.load.windows_per_second, |m| m.windows_per_second)
@@ -1040,9 +1125,54 @@ async fn run_target(ctx: &Ctx<'_>, target: Target) -> Result<TargetResult> {
     } else {
         None
     };
-    let rate = match (args.rate, &max) {
+    let sustained = match &max {
+        Some(m) if args.sustain_seconds > 0.0 => {
+            let mut steps: Vec<SustainStep> = Vec::new();
+            let mut rate = Some((0.9 * m.windows_per_second).max(1.0));
+            while let Some(r) = rate {
+                let run = drive(
+                    ctx,
+                    port,
+                    Collect::Inference,
+                    "sustain-",
+                    r,
+                    args.sustain_seconds,
+                    &watch,
+                )
+                .await?;
+                gateway.check_alive()?;
+                let step = SustainStep::of(&phase(ctx, &run, Some(r)).0, r);
+                eprintln!(
+                    "perf: {} sustained-rate step: {:.0} windows/s offered, {:.0} received, {} lost: {}",
+                    target.name(),
+                    r,
+                    step.windows_per_second,
+                    step.windows_lost,
+                    if step.passed { "kept up" } else { "did not keep up" }
+                );
+                steps.push(step);
+                rate = next_sustain_rate(&steps);
+            }
+            let best = steps
+                .iter()
+                .filter(|s| s.passed)
+                .map(|s| s.offered_windows_per_second)
+                .fold(0.0, f64::max);
+            Some(Sustained {
+                windows_per_second: best,
+                steps,
+            })
+        }
+        _ => None,
+    };
+    let max_rate = sustained
+        .as_ref()
+        .map(|s| s.windows_per_second)
+        .filter(|w| *w > 0.0)
+        .or(max.as_ref().map(|m| m.windows_per_second));
+    let rate = match (args.rate, max_rate) {
         (Some(r), _) => r,
-        (None, Some(m)) => (m.windows_per_second * args.load_fraction).max(1.0),
+        (None, Some(m)) => (m * args.load_fraction).max(1.0),
         (None, None) => bail!("no rate for the load phase"),
     };
     let run = drive(
@@ -1073,6 +1203,7 @@ async fn run_target(ctx: &Ctx<'_>, target: Target) -> Result<TargetResult> {
         rss_idle_mib,
         rss_peak_mib,
         max,
+        sustained,
         load,
         load_latencies_ms,
     })
@@ -1130,6 +1261,66 @@ mod tests {
             Some(8)
         );
         assert_eq!(sensor_message(base - 20, 0, base, 20.0, 64, 3), None);
+    }
+
+    fn step(offered: f64, passed: bool) -> SustainStep {
+        SustainStep {
+            offered_windows_per_second: offered,
+            windows_per_second: offered,
+            windows_in: 1,
+            windows_lost: 0,
+            latency_ms: None,
+            passed,
+        }
+    }
+
+    #[test]
+    fn the_sustained_search_climbs_descends_then_bisects() {
+        let next = |steps: &[SustainStep]| next_sustain_rate(steps).map(|r| r.round());
+        assert_eq!(next(&[]), None);
+        assert_eq!(next(&[step(1000.0, true)]), Some(1150.0));
+        assert_eq!(next(&[step(1000.0, false)]), Some(800.0));
+        // Between a pass and a miss: the midpoint, until they are within 5%.
+        let mut steps = vec![step(1000.0, true), step(1150.0, false)];
+        assert_eq!(next(&steps), Some(1075.0));
+        steps.push(step(1075.0, true));
+        assert_eq!(next(&steps), Some(1113.0));
+        steps.push(step(1112.5, false));
+        assert_eq!(next(&steps), None, "1075 and 1112.5 are within 5%");
+        let climbing: Vec<SustainStep> = (1..=SUSTAIN_STEPS)
+            .map(|i| step(i as f64 * 100.0, true))
+            .collect();
+        assert_eq!(next(&climbing), None, "at most {SUSTAIN_STEPS} steps");
+    }
+
+    #[test]
+    fn a_step_passes_only_without_loss_and_keeping_up() {
+        let mut p = Phase {
+            offered_windows_per_second: Some(1000.0),
+            seconds: 5.0,
+            messages: 5000,
+            windows_in: 5000,
+            windows_out: 5000,
+            windows_lost: 0,
+            windows_per_second: 990.0,
+            latency_ms: None,
+            gateway_latency_ms: None,
+            gateway_cpu_s: 1.0,
+            broker_cpu_s: None,
+            cpu_us_per_window: 200.0,
+            harness_cpu_s: 0.1,
+            load: LoadReport::default(),
+            results_well_formed: true,
+        };
+        assert!(SustainStep::of(&p, 1000.0).passed);
+        p.windows_lost = 1;
+        assert!(!SustainStep::of(&p, 1000.0).passed);
+        p.windows_lost = 0;
+        p.windows_per_second = 900.0;
+        assert!(
+            !SustainStep::of(&p, 1000.0).passed,
+            "fell behind while the load ran"
+        );
     }
 
     #[test]

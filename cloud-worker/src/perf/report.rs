@@ -107,18 +107,21 @@ pub fn markdown(r: &PerfReport) -> String {
         r.stride,
     );
     s.push_str(
-        "| target | broker | READY ms | flat out: windows/s | flat out: lost | load: offered → windows/s | load: in / out | load latency p50 / p99 / p999 ms | of which in the gateway p50 / p99 / p999 | CPU µs/window (load) | RSS idle / peak MiB |\n\
-         |---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        "| target | broker | READY ms | flat out: windows/s | flat out: lost | sustained windows/s | load: offered → windows/s | load: in / out | load latency p50 / p99 / p999 ms | of which in the gateway p50 / p99 / p999 | CPU µs/window (load) | RSS idle / peak MiB |\n\
+         |---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for t in &r.targets {
         let (mx, lost) = max_cells(&t.max);
         let l = &t.load;
         let _ = writeln!(
             s,
-            "| {} | {} | {:.0} | {mx} | {lost} | {:.0} → {:.0} | {} / {} | {} | {} | {:.1} | {:.1} / {:.1} |",
+            "| {} | {} | {:.0} | {mx} | {lost} | {} | {:.0} → {:.0} | {} / {} | {} | {} | {:.1} | {:.1} / {:.1} |",
             t.target.name(),
             t.broker,
             t.ready_ms,
+            t.sustained
+                .as_ref()
+                .map_or("–".to_owned(), |x| format!("{:.0}", x.windows_per_second)),
             l.offered_windows_per_second.unwrap_or(f64::NAN),
             l.windows_per_second,
             l.windows_in,
@@ -171,9 +174,49 @@ pub fn markdown(r: &PerfReport) -> String {
             let _ = writeln!(s, "Skipped {k}: {v}.");
         }
     }
+    let steps: Vec<String> = r
+        .targets
+        .iter()
+        .filter_map(|t| {
+            let x = t.sustained.as_ref()?;
+            let steps: Vec<String> = x
+                .steps
+                .iter()
+                .map(|st| {
+                    format!(
+                        "{:.0} → {:.0} ({} lost, p99 {}){}",
+                        st.offered_windows_per_second,
+                        st.windows_per_second,
+                        st.windows_lost,
+                        st.latency_ms
+                            .as_ref()
+                            .map_or("–".to_owned(), |l| format!("{:.1} ms", l.p99)),
+                        if st.passed { "" } else { " missed" }
+                    )
+                })
+                .collect();
+            Some(format!("- {}: {}", t.target.name(), steps.join("; ")))
+        })
+        .collect();
+    if !steps.is_empty() {
+        let _ = writeln!(
+            s,
+            "\nSustained-rate search (offered → received windows/s; a step passes with no lost \
+             window and results at ≥ {:.0}% of the offered rate while the load ran):\n\n{}",
+            super::KEEP_UP * 100.0,
+            steps.join("\n")
+        );
+    }
+    let basis = if r.targets.iter().any(|t| t.sustained.is_some()) {
+        "the sustained rate"
+    } else if r.targets.iter().any(|t| t.max.is_some()) {
+        "the flat-out phase's"
+    } else {
+        "the load phase's"
+    };
     let _ = writeln!(
         s,
-        "\nThroughput for the ratios is the flat-out phase's ({}).",
+        "\nThroughput for the ratios is {basis} ({}).",
         r.targets
             .iter()
             .map(|t| format!("{} {:.0}", t.target.name(), throughput(t)))

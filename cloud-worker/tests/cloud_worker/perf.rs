@@ -134,6 +134,10 @@ fn perf_run_on_a_small_load_writes_well_formed_results_and_loses_no_window() {
         let rss = t["rss_peak_mib"].as_f64().unwrap();
         assert!(rss > 1.0 && rss < 4096.0, "{name}: RSS {rss} MiB");
         assert!(t["max"].is_null());
+        assert!(
+            t["sustained"].is_null(),
+            "the sustained-rate search needs the flat-out phase"
+        );
         let load = &t["load"];
         let (win, wout) = (
             load["windows_in"].as_u64().unwrap(),
