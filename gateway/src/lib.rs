@@ -458,6 +458,16 @@ pub async fn run_with(
             let (client, eventloop) = diredi_mqtt::client(options, u.request_capacity);
             let state = link_state(u);
             health.add_loop("uplink", state.health.clone());
+            if config.runtime.release_startup_pages {
+                // Once the uplink's first connection has resolved its host (which may load
+                // name-service libraries), give back the pages its start-up ran.
+                let mut connected = state.ready.subscribe();
+                tokio::spawn(async move {
+                    if connected.wait_for(|r| *r).await.is_ok() {
+                        tokio::task::spawn_blocking(|| memory::release_after("uplink connected"));
+                    }
+                });
+            }
             spawn_link(
                 Link {
                     name: "uplink",

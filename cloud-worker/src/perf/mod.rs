@@ -526,12 +526,19 @@ fn load_average() -> Option<f64> {
 /// Throughput of a target for the ratios: the sustained rate when the search ran, else the
 /// flat-out phase's, else the load phase's.
 pub fn throughput(t: &TargetResult) -> f64 {
-    if let Some(s) = &t.sustained {
-        return s.windows_per_second;
+    throughput_basis(t).0
+}
+
+/// [`throughput`] and where it comes from (`sustained`, `flat out` or `load`). A search in
+/// which no step passed counts as not run.
+pub fn throughput_basis(t: &TargetResult) -> (f64, &'static str) {
+    if let Some(s) = t.sustained.as_ref().filter(|s| s.windows_per_second > 0.0) {
+        return (s.windows_per_second, "sustained");
     }
-    t.max
-        .as_ref()
-        .map_or(t.load.windows_per_second, |m| m.windows_per_second)
+    match &t.max {
+        Some(m) => (m.windows_per_second, "flat out"),
+        None => (t.load.windows_per_second, "load"),
+    }
 }
 
 fn ratios(r: &PerfReport) -> BTreeMap<String, f64> {

@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 use anyhow::{Context, Result};
 use serde_json::json;
 
-use super::{throughput, Latency, PerfArgs, PerfReport, Phase};
+use super::{Latency, PerfArgs, PerfReport, Phase};
 
 /// The machine a run happened on.
 pub fn machine() -> serde_json::Value {
@@ -207,19 +207,15 @@ pub fn markdown(r: &PerfReport) -> String {
             steps.join("\n")
         );
     }
-    let basis = if r.targets.iter().any(|t| t.sustained.is_some()) {
-        "the sustained rate"
-    } else if r.targets.iter().any(|t| t.max.is_some()) {
-        "the flat-out phase's"
-    } else {
-        "the load phase's"
-    };
     let _ = writeln!(
         s,
-        "\nThroughput for the ratios is {basis} ({}).",
+        "\nThroughput for the ratios: {}.",
         r.targets
             .iter()
-            .map(|t| format!("{} {:.0}", t.target.name(), throughput(t)))
+            .map(|t| {
+                let (w, basis) = super::throughput_basis(t);
+                format!("{} {w:.0} ({basis})", t.target.name())
+            })
             .collect::<Vec<_>>()
             .join(", ")
     );
