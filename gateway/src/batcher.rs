@@ -2,8 +2,8 @@
 //!
 //! Data flow: decode → window → **queue → micro-batch** → infer → publish. The decode threads
 //! [`WindowQueue::push`] complete windows; each inference thread takes up to `max_batch`
-//! windows with [`WindowQueue::pop_batch`], waiting at most `max_wait` after the first one for
-//! the batch to fill.
+//! windows with [`WindowQueue::pop_batch`], waiting for the batch to fill until the oldest
+//! queued window has been ready for `max_wait`.
 //!
 //! Wake-ups are what this queue saves. A producer wakes the consumers only when the queue
 //! goes from empty to one window (a consumer may be waiting for a first window) or reaches a
@@ -171,7 +171,8 @@ impl WindowQueue {
     }
 
     /// Moves up to `max_batch` windows into `out` (which must be empty). Blocks until at least
-    /// one window is available, then waits at most `max_wait` for more. Returns `false` once the
+    /// one window is available, then waits for more until the oldest queued window has been
+    /// ready (its [`WindowJob::ready_at`]) for `max_wait`. Returns `false` once the
     /// queue is closed and empty. `idle_tick` bounds each wait while the queue is empty, so the
     /// caller's `on_idle` can report liveness.
     pub fn pop_batch(
@@ -193,8 +194,10 @@ impl WindowQueue {
                 st = self.wait(st, idle_tick);
                 on_idle();
             }
-            // Let the batch fill in the queue: producers wake us only when it is full.
-            let deadline = Instant::now() + max_wait;
+            // Let the batch fill in the queue: producers wake us only when it is full. The
+            // wait counts from when the oldest queued window became ready, so a window that
+            // already waited (behind the previous batch) does not wait `max_wait` again.
+            let deadline = st.jobs.front().map_or_else(Instant::now, |j| j.ready_at) + max_wait;
             while st.jobs.len() < max_batch && !st.closed {
                 let now = Instant::now();
                 if now >= deadline {
@@ -337,10 +340,34 @@ mod tests {
             "returned once the batch filled"
         );
         producer.join().unwrap();
+        let third = job(2);
+        let ready = third.ready_at;
+        q.push(third);
+        assert_eq!(pop(&q, 2, 30), Some(vec![2]));
+        assert!(ready.elapsed() >= Duration::from_millis(30));
+    }
+
+    /// The wait counts from when the oldest window became ready: windows that queued up
+    /// behind a previous batch for longer than `max_wait` go at once, even in a partial batch.
+    #[test]
+    fn windows_that_already_waited_max_wait_are_taken_without_waiting_again() {
+        let q = WindowQueue::new(10, QueuePolicy::DropOldest);
+        let mut old = job(0);
+        old.ready_at = Instant::now() - Duration::from_millis(500);
+        q.push(old);
+        q.push(job(1));
+        let t0 = Instant::now();
+        assert_eq!(pop(&q, 8, 400), Some(vec![0, 1]));
+        assert!(
+            t0.elapsed() < Duration::from_millis(300),
+            "waited {:?} for a batch whose oldest window was 500 ms old",
+            t0.elapsed()
+        );
+        // A fresh window still waits for its batch.
         q.push(job(2));
         let t0 = Instant::now();
-        assert_eq!(pop(&q, 2, 30), Some(vec![2]));
-        assert!(t0.elapsed() >= Duration::from_millis(30));
+        assert_eq!(pop(&q, 8, 50), Some(vec![2]));
+        assert!(t0.elapsed() >= Duration::from_millis(40));
     }
 
     /// A consumer filling a batch is not woken once per window: 20 windows pushed one by

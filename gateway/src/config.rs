@@ -233,7 +233,8 @@ pub struct RawRuntime {
     pub inter_threads: usize,
     /// Most windows classified in one call.
     pub max_batch: usize,
-    /// Longest wait for a batch to fill after its first window, in milliseconds.
+    /// Longest a window waits for its batch to fill, counted from when it became complete, in
+    /// milliseconds.
     pub max_wait_ms: u64,
     /// At shutdown, longest time spent finishing queued windows, in milliseconds (max 4000).
     pub drain_timeout_ms: u64,
