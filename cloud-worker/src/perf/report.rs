@@ -8,17 +8,20 @@ use serde_json::json;
 
 use super::{Latency, PerfArgs, PerfReport, Phase};
 
-/// The machine a run happened on.
+/// The machine a run happened on. The CPU's family, model and vector extensions are recorded
+/// too: virtual machines often report only a brand ("AMD EPYC"), and ONNX Runtime's speed
+/// depends on the generation (AVX-512 or not).
 pub fn machine() -> serde_json::Value {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|m| m.trim().to_owned())
-        })
-        .unwrap_or_else(|| "unknown".into());
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let field = |name: &str| -> Option<String> {
+        cpuinfo
+            .lines()
+            .find(|l| l.split(':').next().map(str::trim) == Some(name))
+            .and_then(|l| l.split_once(':'))
+            .map(|(_, v)| v.trim().to_owned())
+    };
+    let flags = field("flags").unwrap_or_default();
+    let has = |f: &str| flags.split_whitespace().any(|x| x == f);
     let mem_gib = std::fs::read_to_string("/proc/meminfo").ok().and_then(|s| {
         s.lines()
             .find(|l| l.starts_with("MemTotal:"))
@@ -28,7 +31,11 @@ pub fn machine() -> serde_json::Value {
     });
     json!({
         "arch": std::env::consts::ARCH,
-        "cpu": cpu,
+        "cpu": field("model name").unwrap_or_else(|| "unknown".into()),
+        "cpu_family": field("cpu family"),
+        "cpu_model": field("model"),
+        "avx2": has("avx2"),
+        "avx512f": has("avx512f"),
         "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         "memory_gib": mem_gib,
     })
@@ -90,10 +97,19 @@ pub fn markdown(r: &PerfReport) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "Machine: {}, {} cores, {}; harness in the {} profile, gateway binary {}; load average \
-         {} at the start, {} at the end. {} sensors, {:?} payloads, {} samples per message \
-         (window {}, stride {}).\n",
+        "Machine: {} (family {}, model {}{}), {} cores, {}; harness in the {} profile, gateway \
+         binary {}; load average {} at the start, {} at the end. {} sensors, {:?} payloads, {} \
+         samples per message (window {}, stride {}).\n",
         m["cpu"].as_str().unwrap_or("?"),
+        m["cpu_family"].as_str().unwrap_or("?"),
+        m["cpu_model"].as_str().unwrap_or("?"),
+        if m["avx512f"] == true {
+            ", AVX-512"
+        } else if m["avx2"] == true {
+            ", AVX2"
+        } else {
+            ""
+        },
         m["cores"],
         m["arch"].as_str().unwrap_or("?"),
         profile(),

@@ -98,6 +98,8 @@ pub struct Point {
     pub load_windows_out: u64,
     /// Publish → result received, at the load phase's rate.
     pub load_latency_ms: Option<Latency>,
+    /// The gateway's own part of it (window complete → result ready), as it reports.
+    pub load_gateway_latency_ms: Option<Latency>,
     /// Gateway (+ Mosquitto) CPU µs per window at the load phase's rate.
     pub load_cpu_us_per_window: f64,
     pub rss_idle_mib: f64,
@@ -235,6 +237,7 @@ pub async fn run(args: SweepArgs, shutdown: CancellationToken) -> Result<()> {
                 load_windows_in: r.load.windows_in,
                 load_windows_out: r.load.windows_out,
                 load_latency_ms: r.load.latency_ms.clone(),
+                load_gateway_latency_ms: r.load.gateway_latency_ms.clone(),
                 load_cpu_us_per_window: r.load.cpu_us_per_window,
                 rss_idle_mib: r.rss_idle_mib,
                 rss_peak_mib: r.rss_peak_mib,
@@ -293,6 +296,8 @@ pub struct Summary {
     pub load_windows_out: u64,
     /// Medians of the runs' p50, p99 and p999.
     pub latency_ms: Option<[f64; 3]>,
+    /// Medians of the runs' p50 and p99 of the gateway's own part.
+    pub gateway_latency_ms: Option<[f64; 2]>,
     pub load_cpu_us_per_window: Option<f64>,
     pub rss_idle_mib: Option<f64>,
     /// The highest peak of the runs.
@@ -333,6 +338,9 @@ pub fn summarise(points: &[Point]) -> Vec<Summary> {
             };
             let max = col(&|p| p.max_windows_per_second);
             let lat = |f: fn(&Latency) -> f64| median(col(&|p| p.load_latency_ms.as_ref().map(f)));
+            let gw = |f: fn(&Latency) -> f64| {
+                median(col(&|p| p.load_gateway_latency_ms.as_ref().map(f)))
+            };
             Summary {
                 curve: curve.to_owned(),
                 value: value.to_owned(),
@@ -351,6 +359,10 @@ pub fn summarise(points: &[Point]) -> Vec<Summary> {
                 load_windows_out: runs.iter().map(|p| p.load_windows_out).sum(),
                 latency_ms: match (lat(|l| l.p50), lat(|l| l.p99), lat(|l| l.p999)) {
                     (Some(a), Some(b), Some(c)) => Some([a, b, c]),
+                    _ => None,
+                },
+                gateway_latency_ms: match (gw(|l| l.p50), gw(|l| l.p99)) {
+                    (Some(a), Some(b)) => Some([a, b]),
                     _ => None,
                 },
                 load_cpu_us_per_window: median(col(&|p| Some(p.load_cpu_us_per_window))),
@@ -384,21 +396,24 @@ pub fn markdown(points: &[Point], inference_limit: f64) -> String {
         let _ = writeln!(s, "### {curve}\n");
         let _ = writeln!(
             s,
-            "| {curve} | target | runs | flat out windows/s (min–max) | CPU µs/window (flat out) | half load: offered | in / out | p50 / p99 / p999 ms | CPU µs/window | RSS idle / peak MiB |"
+            "| {curve} | target | runs | flat out windows/s (min–max) | CPU µs/window (flat out) | half load: offered | in / out | p50 / p99 / p999 ms | of which in the gateway p50 / p99 | CPU µs/window | RSS idle / peak MiB |"
         );
-        let _ = writeln!(s, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+        let _ = writeln!(s, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
         for p in rows {
             let lat = p.latency_ms.map_or_else(
                 || "–".to_owned(),
                 |[a, b, c]| format!("{a:.2} / {b:.2} / {c:.2}"),
             );
+            let gw = p
+                .gateway_latency_ms
+                .map_or_else(|| "–".to_owned(), |[a, b]| format!("{a:.2} / {b:.2}"));
             let max = p.max_windows_per_second.map_or_else(
                 || "–".to_owned(),
                 |[m, lo, hi]| format!("{m:.0} ({lo:.0}–{hi:.0})"),
             );
             let _ = writeln!(
                 s,
-                "| {} | {} | {} | {} | {} | {} | {} / {} | {} | {} | {} / {:.1} |",
+                "| {} | {} | {} | {} | {} | {} | {} / {} | {} | {} | {} | {} / {:.1} |",
                 p.value,
                 p.target.name(),
                 p.runs,
@@ -408,6 +423,7 @@ pub fn markdown(points: &[Point], inference_limit: f64) -> String {
                 p.load_windows_in,
                 p.load_windows_out,
                 lat,
+                gw,
                 opt(p.load_cpu_us_per_window, 0),
                 opt(p.rss_idle_mib, 1),
                 p.rss_peak_mib,
@@ -602,6 +618,14 @@ mod tests {
                 p999: p99 + 1.0,
                 max: p99 + 2.0,
             }),
+            load_gateway_latency_ms: Some(Latency {
+                n: 10,
+                p50: 0.5,
+                p90: 1.0,
+                p99: p99 / 2.0,
+                p999: p99,
+                max: p99,
+            }),
             load_cpu_us_per_window: 120.0,
             rss_idle_mib: 40.0,
             rss_peak_mib: rss,
@@ -622,6 +646,7 @@ mod tests {
         assert_eq!((s[0].value.as_str(), s[0].runs), ("4", 3));
         assert_eq!(s[0].max_windows_per_second, Some([200.0, 100.0, 300.0]));
         assert_eq!(s[0].latency_ms, Some([1.0, 5.0, 6.0]));
+        assert_eq!(s[0].gateway_latency_ms, Some([0.5, 2.5]));
         assert_eq!(s[0].rss_peak_mib, 52.0);
         assert_eq!((s[0].load_windows_in, s[0].load_windows_out), (30, 30));
         assert_eq!(s[1].max_windows_per_second, Some([400.0, 400.0, 400.0]));
