@@ -196,9 +196,13 @@ impl WindowQueue {
             }
             // Let the batch fill in the queue: producers wake us only when it is full. The
             // wait counts from when the oldest queued window became ready, so a window that
-            // already waited (behind the previous batch) does not wait `max_wait` again.
-            let deadline = st.jobs.front().map_or_else(Instant::now, |j| j.ready_at) + max_wait;
+            // already waited (behind the previous batch) does not wait `max_wait` again. The
+            // oldest is looked up after every wake: another consumer may have taken it.
             while st.jobs.len() < max_batch && !st.closed {
+                let Some(oldest) = st.jobs.front().map(|j| j.ready_at) else {
+                    break;
+                };
+                let deadline = oldest + max_wait;
                 let now = Instant::now();
                 if now >= deadline {
                     break;
@@ -353,7 +357,9 @@ mod tests {
     fn windows_that_already_waited_max_wait_are_taken_without_waiting_again() {
         let q = WindowQueue::new(10, QueuePolicy::DropOldest);
         let mut old = job(0);
-        old.ready_at = Instant::now() - Duration::from_millis(500);
+        old.ready_at = Instant::now()
+            .checked_sub(Duration::from_millis(500))
+            .unwrap();
         q.push(old);
         q.push(job(1));
         let t0 = Instant::now();
@@ -364,10 +370,11 @@ mod tests {
             t0.elapsed()
         );
         // A fresh window still waits for its batch.
-        q.push(job(2));
-        let t0 = Instant::now();
+        let fresh = job(2);
+        let ready = fresh.ready_at;
+        q.push(fresh);
         assert_eq!(pop(&q, 8, 50), Some(vec![2]));
-        assert!(t0.elapsed() >= Duration::from_millis(40));
+        assert!(ready.elapsed() >= Duration::from_millis(50));
     }
 
     /// A consumer filling a batch is not woken once per window: 20 windows pushed one by
