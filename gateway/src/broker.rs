@@ -131,8 +131,8 @@ const LISTEN_WAIT: Duration = Duration::from_secs(2);
 /// descriptors in `/proc/self/fd` and duplicated with `pidfd_getfd(2)` (Linux 5.6); the option
 /// is set on the duplicate, which shares the socket, and the duplicate is closed. Only a
 /// TCP socket whose local port is `port` is changed; in the gateway those are the broker's,
-/// since [`start`] checked that its address was free and the gateway listens nowhere else. The systemd unit allows `pidfd_getfd`, which its
-/// `@system-service` filter leaves out.
+/// since [`start`] checked that its address was free and the gateway listens nowhere else.
+/// The systemd unit allows `pidfd_getfd`, which its `@system-service` filter leaves out.
 pub fn set_listener_nodelay(port: u16) -> std::io::Result<bool> {
     let mut found = false;
     // Connections accepted before the listener had the option get it too.
@@ -339,11 +339,11 @@ mod tests {
             set_listener_nodelay(port).unwrap(),
             "the listener was found"
         );
-        let _second = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let second = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
         let _accepted = listener.accept().unwrap();
         assert_eq!(accepted_nodelay(port), vec![true]);
         // Nothing listens on a port of a client socket.
-        assert!(!set_listener_nodelay(_second.local_addr().unwrap().port()).unwrap());
+        assert!(!set_listener_nodelay(second.local_addr().unwrap().port()).unwrap());
     }
 
     #[test]
