@@ -34,6 +34,7 @@ pub mod batcher;
 pub mod broker;
 pub mod config;
 pub mod homeassistant;
+pub mod inbox;
 pub mod inference;
 pub mod install;
 pub mod labels;
@@ -55,7 +56,6 @@ pub mod store;
 pub mod window;
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::mpsc::sync_channel;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -305,10 +305,10 @@ pub async fn run_with(
         learning,
     };
     let (decoders_done_tx, mut decoders_done) = mpsc::channel::<()>(1);
-    let mut shard_txs = Vec::with_capacity(p.decode_threads);
+    let mut inboxes = Vec::with_capacity(p.decode_threads);
     for i in 0..p.decode_threads {
-        let (tx, rx) = sync_channel(p.ingest_capacity);
-        shard_txs.push(tx);
+        let inbox = Arc::new(inbox::Inbox::new(p.ingest_capacity));
+        inboxes.push(inbox.clone());
         let shard = Shard::new(
             topics.clone(),
             settings.clone(),
@@ -332,7 +332,7 @@ pub async fn run_with(
             .spawn(move || {
                 let _exit = ExitGuard(th.clone());
                 let _done = done;
-                run_shard(shard, rx, open, pending, th);
+                run_shard(shard, &inbox, open, pending, th);
             })
             .map_err(|source| GatewayError::Thread { name, source })?;
     }
@@ -399,7 +399,7 @@ pub async fn run_with(
     let uplink_intake = (config.uplink.is_some() && config.learning.is_some()).then(|| {
         Intake::new(
             topics.clone(),
-            shard_txs.clone(),
+            inboxes.clone(),
             intake_open.clone(),
             pending.clone(),
             metrics.clone(),
@@ -433,7 +433,7 @@ pub async fn run_with(
             intake: Some(
                 Intake::new(
                     topics.clone(),
-                    shard_txs,
+                    inboxes,
                     intake_open.clone(),
                     pending.clone(),
                     metrics.clone(),

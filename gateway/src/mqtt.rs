@@ -2,9 +2,11 @@
 //!
 //! Data flow: **MQTT in → route** → decode → ... → publish → **MQTT out**. One task per
 //! connection drives the rumqttc event loop and does nothing else: incoming sensor messages are
-//! routed ([`Intake::route`], no decoding) into the bounded queues of the decode threads with
-//! `try_send`, so a slow pipeline can never stall the connection. Everything else publishes
-//! through the cloneable [`rumqttc::AsyncClient`].
+//! routed ([`Intake::route`], no decoding) into the bounded [`Inbox`]es of the decode threads,
+//! which never block, so a slow pipeline can never stall the connection. A decode thread is
+//! woken once per burst of messages ([`Intake::flush`], when rumqttc has no further event
+//! buffered), not once per message. Everything else publishes through the cloneable
+//! [`rumqttc::AsyncClient`].
 //!
 //! Protocol: MQTT 3.1.1. rumqttd serves one protocol version per listener and sensor firmware
 //! speaks 3.1.1, so the embedded broker has a 3.1.1 listener and the gateway uses the same
@@ -18,7 +20,6 @@
 //! new session starts.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::mpsc::{SyncSender, TrySendError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -29,6 +30,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::MqttConfig;
+use crate::inbox::Inbox;
 use crate::metrics::{kinds, Metrics};
 use crate::notify::LoopHealth;
 use crate::pipeline::{shard_of, unix_ms, Ingest, IngestKind};
@@ -106,7 +108,9 @@ pub enum Control {
 pub struct Intake {
     control: Option<tokio::sync::mpsc::Sender<Control>>,
     topics: Topics,
-    shards: Vec<SyncSender<Ingest>>,
+    shards: Vec<Arc<Inbox>>,
+    /// Shards given a message since the last [`Intake::flush`].
+    unflushed: Vec<bool>,
     open: Arc<AtomicBool>,
     pending: Arc<AtomicUsize>,
     metrics: Arc<Metrics>,
@@ -118,7 +122,7 @@ impl Intake {
     /// Intake feeding `shards`; stops forwarding once `open` is false.
     pub fn new(
         topics: Topics,
-        shards: Vec<SyncSender<Ingest>>,
+        shards: Vec<Arc<Inbox>>,
         open: Arc<AtomicBool>,
         pending: Arc<AtomicUsize>,
         metrics: Arc<Metrics>,
@@ -128,6 +132,7 @@ impl Intake {
         Intake {
             control: None,
             topics,
+            unflushed: vec![false; shards.len()],
             shards,
             open,
             pending,
@@ -145,7 +150,7 @@ impl Intake {
     }
 
     /// Routes one received message. Never blocks: a full decode queue drops the message and
-    /// counts it (`ingest_dropped`).
+    /// counts it (`ingest_dropped`). The decode thread sees it after the next [`Self::flush`].
     pub fn route(&mut self, publish: rumqttc::Publish) {
         let (id_start, shard, kind) = match self.topics.route(&publish.topic) {
             Route::Sensor(id) => (
@@ -204,19 +209,28 @@ impl Intake {
         if !self.open.load(Ordering::Acquire) {
             return;
         }
-        let Some(tx) = self.shards.get(shard) else {
+        let Some(inbox) = self.shards.get(shard) else {
             return;
         };
         self.pending.fetch_add(1, Ordering::Relaxed);
-        match tx.try_send(Ingest {
+        let msg = Ingest {
             publish,
             id_start,
             kind,
-        }) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
-                self.pending.fetch_sub(1, Ordering::Relaxed);
-                Metrics::add(&self.metrics.ingest_dropped, 1);
+        };
+        if inbox.push(msg).is_err() {
+            self.pending.fetch_sub(1, Ordering::Relaxed);
+            Metrics::add(&self.metrics.ingest_dropped, 1);
+        } else if let Some(u) = self.unflushed.get_mut(shard) {
+            *u = true;
+        }
+    }
+
+    /// Wakes the decode threads given messages since the last flush.
+    pub fn flush(&mut self) {
+        for (inbox, unflushed) in self.shards.iter().zip(self.unflushed.iter_mut()) {
+            if std::mem::take(unflushed) {
+                inbox.flush();
             }
         }
     }
@@ -271,6 +285,13 @@ impl Link {
         let mut failures: u64 = 0;
         let mut ever_connected = false;
         loop {
+            // Wake the decode threads once rumqttc has handed out every message of the last
+            // socket read, just before this task may wait for the next one.
+            if eventloop.state.events.is_empty() {
+                if let Some(intake) = self.intake.as_mut() {
+                    intake.flush();
+                }
+            }
             let event = tokio::select! {
                 biased;
                 _ = stop.cancelled() => break,
@@ -390,7 +411,6 @@ fn spawn_announce(
 mod tests {
     use super::*;
     use crate::report::tests::Recorder;
-    use std::sync::mpsc::sync_channel;
 
     #[test]
     fn backoff_doubles_up_to_the_cap_and_resets() {
@@ -405,12 +425,12 @@ mod tests {
         capacity: usize,
     ) -> (
         Intake,
-        std::sync::mpsc::Receiver<Ingest>,
+        Arc<Inbox>,
         Arc<Recorder>,
         Arc<Metrics>,
         Arc<AtomicBool>,
     ) {
-        let (tx, rx) = sync_channel(capacity);
+        let inbox = Arc::new(Inbox::new(capacity));
         let metrics = Arc::new(Metrics::new());
         let rec = Arc::new(Recorder::default());
         let topics = Topics::new("gw").unwrap();
@@ -423,14 +443,20 @@ mod tests {
         let open = Arc::new(AtomicBool::new(true));
         let i = Intake::new(
             topics,
-            vec![tx],
+            vec![inbox.clone()],
             open.clone(),
             Arc::new(AtomicUsize::new(0)),
             metrics.clone(),
             reporter,
             1,
         );
-        (i, rx, rec, metrics, open)
+        (i, inbox, rec, metrics, open)
+    }
+
+    fn taken(inbox: &Inbox) -> Vec<Ingest> {
+        let mut out = Vec::new();
+        inbox.take(&mut out, Duration::ZERO);
+        out
     }
 
     fn publish(topic: &str) -> rumqttc::Publish {
@@ -439,23 +465,23 @@ mod tests {
 
     #[test]
     fn sensor_messages_are_forwarded_with_their_id_and_overflow_is_counted() {
-        let (mut i, rx, _, metrics, _) = intake(1);
+        let (mut i, inbox, _, metrics, _) = intake(1);
         i.route(publish("diredi/v1/gw/sensor/imu-7"));
         i.route(publish("diredi/v1/gw/sensor/imu-8"));
-        let got = rx.try_recv().unwrap();
-        assert_eq!(got.sensor_id(), "imu-7");
-        assert!(rx.try_recv().is_err());
+        let got = taken(&inbox);
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].sensor_id(), "imu-7");
         assert_eq!(metrics.ingest_dropped.load(Ordering::Relaxed), 1);
         assert_eq!(metrics.messages_in.load(Ordering::Relaxed), 2);
     }
 
     #[test]
     fn invalid_sensor_ids_are_reported_and_other_topics_ignored() {
-        let (mut i, rx, rec, metrics, _) = intake(4);
+        let (mut i, inbox, rec, metrics, _) = intake(4);
         i.route(publish("diredi/v1/gw/sensor/"));
         i.route(publish("diredi/v1/gw/status"));
         i.route(publish("diredi/v1/other/sensor/x"));
-        assert!(rx.try_recv().is_err());
+        assert!(inbox.is_empty());
         let errors = rec.on("/error");
         assert_eq!(errors.len(), 1);
         assert_eq!(errors[0]["kind"], "invalid_sensor_id");
@@ -464,9 +490,37 @@ mod tests {
 
     #[test]
     fn closed_intake_forwards_nothing() {
-        let (mut i, rx, _, _, open) = intake(4);
+        let (mut i, inbox, _, _, open) = intake(4);
         open.store(false, Ordering::Release);
         i.route(publish("diredi/v1/gw/sensor/a"));
-        assert!(rx.try_recv().is_err());
+        assert!(inbox.is_empty());
+    }
+
+    /// Routing queues without waking; the flush wakes the decode thread blocked on the inbox.
+    #[test]
+    fn routed_messages_wake_the_decode_thread_at_the_flush() {
+        let (mut i, inbox, _, _, _) = intake(16);
+        let reader = {
+            let inbox = inbox.clone();
+            std::thread::spawn(move || {
+                let mut out = Vec::new();
+                inbox.take(&mut out, Duration::from_secs(10));
+                out.iter()
+                    .map(|m| m.sensor_id().to_owned())
+                    .collect::<Vec<_>>()
+            })
+        };
+        // Let the reader block on the empty inbox first.
+        std::thread::sleep(Duration::from_millis(50));
+        for id in ["a", "b", "c"] {
+            i.route(publish(&format!("diredi/v1/gw/sensor/{id}")));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(
+            !reader.is_finished(),
+            "routing alone does not wake the reader"
+        );
+        i.flush();
+        assert_eq!(reader.join().unwrap(), ["a", "b", "c"]);
     }
 }

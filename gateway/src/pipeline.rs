@@ -16,7 +16,6 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -27,6 +26,7 @@ use diredi_protocol::topics::Topics;
 use diredi_protocol::messages::LabelMsg;
 
 use crate::batcher::{BufferPool, PushOutcome, SensorInfo, WindowJob, WindowQueue};
+use crate::inbox::Inbox;
 use crate::labels::{window_index, LabelBook, Labelled, RecentWindow};
 use crate::metrics::{kinds, Metrics};
 use crate::model::{LoadedModel, ModelHandle};
@@ -548,32 +548,34 @@ pub fn unix_ms() -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
-/// Runs a decode thread until intake is closed and its queue is empty (or the sender side is
-/// gone). `pending` is the number of queued messages across all decode queues.
+/// Runs a decode thread until intake is closed and its inbox is empty. `pending` is the
+/// number of queued messages across all inboxes.
 pub fn run_shard(
     mut shard: Shard,
-    rx: Receiver<Ingest>,
+    inbox: &Inbox,
     intake_open: Arc<AtomicBool>,
     pending: Arc<AtomicUsize>,
     health: Arc<ThreadHealth>,
 ) {
     const TICK: Duration = Duration::from_millis(50);
+    let mut batch = Vec::new();
     loop {
-        match rx.recv_timeout(TICK) {
-            Ok(msg) => {
-                pending.fetch_sub(1, Ordering::Relaxed);
-                health.busy();
-                shard.handle(&msg, Instant::now(), unix_ms());
-                health.idle();
+        // Read before taking: once intake is closed, an empty take means nothing more comes.
+        let open = intake_open.load(Ordering::Acquire);
+        let n = inbox.take(&mut batch, TICK);
+        if n == 0 {
+            health.idle();
+            if !open {
+                break;
             }
-            Err(RecvTimeoutError::Timeout) => {
-                health.idle();
-                if !intake_open.load(Ordering::Acquire) {
-                    break;
-                }
-            }
-            Err(RecvTimeoutError::Disconnected) => break,
+            continue;
         }
+        health.busy();
+        for msg in batch.drain(..) {
+            pending.fetch_sub(1, Ordering::Relaxed);
+            shard.handle(&msg, Instant::now(), unix_ms());
+        }
+        health.idle();
     }
 }
 
