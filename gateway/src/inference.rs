@@ -3,7 +3,8 @@
 //! Data flow: queue → micro-batch → **infer → publish**. Each of `[runtime] workers` dedicated
 //! std threads (never the async runtime) takes a batch from the [`WindowQueue`], copies it into
 //! one reused `[N, C, T]` buffer, runs the active model (read from the swap point once per
-//! batch), and publishes one [`InferenceMsg`] per window on `diredi/v1/{gw}/inference/{sensor}`.
+//! batch), and publishes one [`InferenceMsg`] per window on `diredi/v1/{gw}/inference/{sensor}`,
+//! handing the batch's messages over together ([`Publisher::try_publish_batch`]).
 //!
 //! `latency_ms` runs from the moment the window was complete to the moment its result is
 //! ready (queueing + batching + inference). Windows standardised for a previous model are
@@ -209,6 +210,8 @@ impl Worker {
         let done = Instant::now();
         self.latencies.clear();
         let mut inferred = 0;
+        let mut unserialised = 0;
+        let mut batch = Vec::with_capacity(self.jobs.len());
         for (job, mut row) in self.jobs.iter().zip(out.rows_mut()) {
             let Some(row) = row.as_slice_mut() else {
                 continue;
@@ -238,20 +241,17 @@ impl Worker {
                 window_id: WindowId(&job.sensor.id, job.index),
             };
             inferred += 1;
-            let sent = serde_json::to_vec(&msg).ok().is_some_and(|payload| {
-                self.publisher
-                    .try_publish(
-                        job.sensor.inference_topic.to_string(),
-                        self.settings.qos,
-                        false,
-                        payload,
-                    )
-                    .is_ok()
-            });
-            if !sent {
-                Metrics::add(&self.metrics.publish_dropped, 1);
+            match serde_json::to_vec(&msg) {
+                Ok(payload) => batch.push((job.sensor.inference_topic.to_string(), payload)),
+                Err(_) => unserialised += 1,
             }
         }
+        // The batch's results go out together: the local link writes them with one flush.
+        let dropped = self.publisher.try_publish_batch(self.settings.qos, batch);
+        Metrics::add(
+            &self.metrics.publish_dropped,
+            (dropped + unserialised) as u64,
+        );
         Metrics::add(&self.metrics.windows_inferred, inferred);
         self.metrics
             .record_latencies(self.latencies.iter().copied());

@@ -236,6 +236,13 @@ pub async fn run_with(
     let (client, eventloop) = diredi_mqtt::client(local_options, config.mqtt.request_capacity);
     let publisher: Arc<dyn Publisher> = Arc::new(client.clone());
     let reporter = Reporter::new(publisher.clone(), topics.error(), data_qos, metrics.clone());
+    // The inference threads' results: whole batches into the local link (the same bound, in
+    // messages, as the client's request queue).
+    let (results, result_batches) = mqtt::BatchPublisher::new(
+        client.clone(),
+        config.mqtt.request_capacity / config.runtime.max_batch.max(1),
+    );
+    let results: Arc<dyn Publisher> = Arc::new(results);
 
     // Pipeline threads.
     let p = &config.pipeline;
@@ -352,7 +359,7 @@ pub async fn run_with(
             queue.clone(),
             pool.clone(),
             model.clone(),
-            publisher.clone(),
+            results.clone(),
             metrics.clone(),
             batch,
             th.clone(),
@@ -444,6 +451,7 @@ pub async fn run_with(
             ),
             backoff: Backoff::new(config.mqtt.reconnect_min, config.mqtt.reconnect_max),
             state: state.clone(),
+            batches: Some(result_batches),
         },
         client,
         eventloop,
@@ -481,6 +489,7 @@ pub async fn run_with(
                     intake: uplink_intake,
                     backoff: Backoff::new(u.reconnect_min, u.reconnect_max),
                     state,
+                    batches: None,
                 },
                 client,
                 eventloop,

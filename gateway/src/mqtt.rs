@@ -35,7 +35,7 @@ use crate::metrics::{kinds, Metrics};
 use crate::notify::LoopHealth;
 use crate::pipeline::{shard_of, unix_ms, Ingest, IngestKind};
 use crate::ratelimit::KeyedLimiter;
-use crate::report::Reporter;
+use crate::report::{PublishError, Publisher, Reporter};
 use crate::status::OutMessage;
 
 /// Exponential reconnection delay. Sans-IO.
@@ -268,6 +268,91 @@ pub struct Link {
     pub backoff: Backoff,
     /// Shared state.
     pub state: Arc<LinkState>,
+    /// Batches of QoS 0 messages from a [`BatchPublisher`], written with one flush each.
+    pub batches: Option<BatchReceiver>,
+}
+
+/// The link's end of a [`BatchPublisher`].
+pub type BatchReceiver = tokio::sync::mpsc::Receiver<Vec<rumqttc::Publish>>;
+
+/// A publisher whose QoS 0 batches (the results of one inference batch) bypass rumqttc's
+/// request queue: the link writes a whole batch into its connection and flushes once, one
+/// system call instead of one per message (rumqttc 0.25 flushes after every request,
+/// bytebeamio/rumqtt#810). Everything else goes through the client as usual.
+#[derive(Clone)]
+pub struct BatchPublisher {
+    client: AsyncClient,
+    batches: tokio::sync::mpsc::Sender<Vec<rumqttc::Publish>>,
+}
+
+impl BatchPublisher {
+    /// A publisher over `client` and the receiver for its [`Link::batches`], holding at most
+    /// `capacity` batches (full: the batch is dropped and counted by the caller).
+    pub fn new(client: AsyncClient, capacity: usize) -> (Self, BatchReceiver) {
+        let (batches, rx) = tokio::sync::mpsc::channel(capacity.max(1));
+        (BatchPublisher { client, batches }, rx)
+    }
+}
+
+impl Publisher for BatchPublisher {
+    fn try_publish(
+        &self,
+        topic: String,
+        qos: QoS,
+        retain: bool,
+        payload: Vec<u8>,
+    ) -> Result<(), PublishError> {
+        Publisher::try_publish(&self.client, topic, qos, retain, payload)
+    }
+
+    fn try_publish_batch(&self, qos: QoS, batch: Vec<(String, Vec<u8>)>) -> usize {
+        if qos != QoS::AtMostOnce {
+            // Packet ids and acknowledgements stay with rumqttc's own flow control.
+            return batch
+                .into_iter()
+                .map(|(topic, payload)| {
+                    Publisher::try_publish(&self.client, topic, qos, false, payload)
+                })
+                .filter(Result::is_err)
+                .count();
+        }
+        let n = batch.len();
+        let publishes = batch
+            .into_iter()
+            .map(|(topic, payload)| rumqttc::Publish::new(topic, qos, payload))
+            .collect();
+        match self.batches.try_send(publishes) {
+            Ok(()) => 0,
+            Err(_) => n,
+        }
+    }
+}
+
+/// Writes `batch` into the connection of `eventloop` and flushes once. rumqttc's state sees
+/// every message (as if it came through the client), so its keep-alive and events stay
+/// right. `Err` when the connection failed.
+async fn write_batch(
+    eventloop: &mut EventLoop,
+    batch: Vec<rumqttc::Publish>,
+    timeout: Duration,
+) -> Result<(), String> {
+    let Some(network) = eventloop.network.as_mut() else {
+        return Err("not connected".into());
+    };
+    for publish in batch {
+        match eventloop
+            .state
+            .handle_outgoing_packet(rumqttc::Request::Publish(publish))
+        {
+            Ok(Some(packet)) => network.write(packet).await.map_err(|e| e.to_string())?,
+            Ok(None) => {}
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+    match tokio::time::timeout(timeout, network.flush()).await {
+        Ok(r) => r.map_err(|e| e.to_string()),
+        Err(_) => Err("flush timed out".into()),
+    }
 }
 
 impl Link {
@@ -292,9 +377,23 @@ impl Link {
                     intake.flush();
                 }
             }
+            let connected = self.state.connected.load(Ordering::Acquire);
             let event = tokio::select! {
                 biased;
                 _ = stop.cancelled() => break,
+                // Taking a batch drops the pending poll. That is safe here: every write of a
+                // batch ends with a complete flush, so rumqttc's buffer is empty whenever
+                // poll runs and its own writes never wait, and reads and flushes keep their
+                // data when dropped.
+                Some(batch) = next_batch(&mut self.batches), if connected => {
+                    self.state.health.beat();
+                    if let Err(error) = write_batch(&mut eventloop, batch, FLUSH_TIMEOUT).await {
+                        tracing::warn!(link = self.name, broker = %addr, error, "Lost the broker connection while writing results; reconnecting.");
+                        self.state.connected.store(false, Ordering::Release);
+                        eventloop.clean();
+                    }
+                    continue;
+                }
                 ev = eventloop.poll() => ev,
             };
             self.state.health.beat();
@@ -378,6 +477,18 @@ impl Link {
         }
         self.state.connected.store(false, Ordering::Release);
         self.state.health.finish();
+    }
+}
+
+/// How long a batch's flush may take (rumqttc's own flush timeout is its connection
+/// timeout, 5 s by default).
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The next batch, or never when there is no batch channel.
+async fn next_batch(batches: &mut Option<BatchReceiver>) -> Option<Vec<rumqttc::Publish>> {
+    match batches {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
     }
 }
 
@@ -494,6 +605,148 @@ mod tests {
         open.store(false, Ordering::Release);
         i.route(publish("diredi/v1/gw/sensor/a"));
         assert!(inbox.is_empty());
+    }
+
+    fn batch(topics: &[&str]) -> Vec<(String, Vec<u8>)> {
+        topics
+            .iter()
+            .enumerate()
+            .map(|(i, t)| ((*t).to_owned(), format!("{i}").into_bytes()))
+            .collect()
+    }
+
+    /// QoS 0 batches go whole to the link's channel; a full channel drops (and reports) the
+    /// batch; other QoS go through the client, not the channel.
+    #[tokio::test]
+    async fn qos0_batches_go_whole_to_the_link_and_a_full_queue_drops_them() {
+        let (client, _eventloop) = AsyncClient::new(MqttOptions::new("t", "127.0.0.1", 1), 16);
+        let (publisher, mut rx) = BatchPublisher::new(client, 1);
+        assert_eq!(
+            publisher.try_publish_batch(QoS::AtMostOnce, batch(&["a/1", "a/2", "a/3"])),
+            0
+        );
+        assert_eq!(
+            publisher.try_publish_batch(QoS::AtMostOnce, batch(&["b/1", "b/2"])),
+            2,
+            "the channel holds one batch"
+        );
+        let got = rx.try_recv().unwrap();
+        let topics: Vec<&str> = got.iter().map(|p| p.topic.as_str()).collect();
+        assert_eq!(topics, ["a/1", "a/2", "a/3"]);
+        assert!(got.iter().all(|p| p.qos == QoS::AtMostOnce && !p.retain));
+        assert_eq!(&got[2].payload[..], b"2");
+        assert_eq!(
+            publisher.try_publish_batch(QoS::AtLeastOnce, batch(&["c/1"])),
+            0
+        );
+        assert!(rx.try_recv().is_err(), "QoS 1 stays with rumqttc");
+    }
+
+    /// A link writes its batches into a real broker connection: a subscriber gets every
+    /// message, in order, next to what goes through the client.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_link_writes_result_batches_to_the_broker_in_order() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let _broker = crate::broker::start(&crate::config::BrokerConfig {
+            config_file: None,
+            listen: format!("127.0.0.1:{port}").parse().unwrap(),
+        })
+        .unwrap();
+        // The subscriber.
+        let (sub, mut sub_loop) =
+            diredi_mqtt::client(MqttOptions::new("sub", "127.0.0.1", port), 16);
+        sub.subscribe("r/#", QoS::AtMostOnce).await.unwrap();
+        let (got_tx, mut got) = tokio::sync::mpsc::unbounded_channel();
+        let (subscribed_tx, subscribed) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let mut subscribed_tx = Some(subscribed_tx);
+            while let Ok(ev) = sub_loop.poll().await {
+                match ev {
+                    Event::Incoming(Packet::SubAck(_)) => {
+                        if let Some(tx) = subscribed_tx.take() {
+                            let _ = tx.send(());
+                        }
+                    }
+                    Event::Incoming(Packet::Publish(p)) => {
+                        let _ = got_tx.send((p.topic, p.payload.to_vec()));
+                    }
+                    _ => {}
+                }
+            }
+        });
+        tokio::time::timeout(Duration::from_secs(10), subscribed)
+            .await
+            .unwrap()
+            .unwrap();
+        // The link.
+        let (client, eventloop) =
+            diredi_mqtt::client(MqttOptions::new("gw", "127.0.0.1", port), 16);
+        let (publisher, batches) = BatchPublisher::new(client.clone(), 4);
+        let state = Arc::new(LinkState {
+            connected: AtomicBool::new(false),
+            ready: watch::channel(false).0,
+            health: LoopHealth::new(Duration::from_secs(60)),
+        });
+        let mut ready = state.ready.subscribe();
+        let link = Link {
+            name: "test",
+            subscriptions: Vec::new(),
+            announce: Arc::new(Vec::new),
+            reannounce_on: None,
+            intake: None,
+            backoff: Backoff::new(Duration::from_millis(50), Duration::from_millis(50)),
+            state: state.clone(),
+            batches: Some(batches),
+        };
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(link.run(client.clone(), eventloop, stop.clone()));
+        tokio::time::timeout(Duration::from_secs(10), ready.wait_for(|r| *r))
+            .await
+            .unwrap()
+            .unwrap();
+        let topics: Vec<String> = (0..40).map(|i| format!("r/{i}")).collect();
+        let refs: Vec<&str> = topics.iter().map(String::as_str).collect();
+        assert_eq!(
+            publisher.try_publish_batch(QoS::AtMostOnce, batch(&refs[..20])),
+            0
+        );
+        Publisher::try_publish(
+            &publisher,
+            "r/client".into(),
+            QoS::AtMostOnce,
+            false,
+            b"c".to_vec(),
+        )
+        .unwrap();
+        assert_eq!(
+            publisher.try_publish_batch(QoS::AtMostOnce, batch(&refs[20..])),
+            0
+        );
+        let mut received = Vec::new();
+        while received.len() < 41 {
+            let m = tokio::time::timeout(Duration::from_secs(10), got.recv())
+                .await
+                .expect("every message arrives")
+                .unwrap();
+            received.push(m);
+        }
+        let batched: Vec<&(String, Vec<u8>)> =
+            received.iter().filter(|(t, _)| t != "r/client").collect();
+        let want: Vec<(String, Vec<u8>)> = batch(&refs[..20])
+            .into_iter()
+            .chain(batch(&refs[20..]))
+            .collect();
+        assert_eq!(batched.len(), 40);
+        for (got, want) in batched.iter().zip(&want) {
+            assert_eq!(*got, want);
+        }
+        assert!(received.iter().any(|(t, p)| t == "r/client" && p == b"c"));
+        stop.cancel();
+        task.await.unwrap();
     }
 
     /// Routing queues without waking; the flush wakes the decode thread blocked on the inbox.

@@ -37,6 +37,16 @@ pub trait Publisher: Send + Sync + 'static {
         retain: bool,
         payload: Vec<u8>,
     ) -> Result<(), PublishError>;
+
+    /// Queues messages made together (the results of one inference batch), not retained;
+    /// returns how many were dropped. One by one unless the publisher can do better.
+    fn try_publish_batch(&self, qos: QoS, batch: Vec<(String, Vec<u8>)>) -> usize {
+        batch
+            .into_iter()
+            .map(|(topic, payload)| self.try_publish(topic, qos, false, payload))
+            .filter(Result::is_err)
+            .count()
+    }
 }
 
 impl Publisher for AsyncClient {
