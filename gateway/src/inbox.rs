@@ -96,6 +96,11 @@ impl Inbox {
         self.len() == 0
     }
 
+    /// Whether the decode thread is blocked waiting for a message.
+    pub fn is_waiting(&self) -> bool {
+        self.lock().waiting
+    }
+
     /// How often the decode thread has woken from a wait so far.
     pub fn wakeups(&self) -> u64 {
         self.lock().wakeups
@@ -157,14 +162,14 @@ mod tests {
             })
         };
         // Let the reader block first.
-        while !inbox.lock().waiting {
+        while !inbox.is_waiting() {
             std::thread::sleep(Duration::from_millis(1));
         }
         for i in 0..10 {
             inbox.push(msg(&format!("s{i}"))).unwrap();
         }
         std::thread::sleep(Duration::from_millis(200));
-        assert!(inbox.lock().waiting, "pushes alone do not wake the reader");
+        assert!(inbox.is_waiting(), "pushes alone do not wake the reader");
         assert_eq!(inbox.wakeups(), 0);
         inbox.flush();
         let (n, waited) = reader.join().unwrap();

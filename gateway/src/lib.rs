@@ -236,12 +236,10 @@ pub async fn run_with(
     let (client, eventloop) = diredi_mqtt::client(local_options, config.mqtt.request_capacity);
     let publisher: Arc<dyn Publisher> = Arc::new(client.clone());
     let reporter = Reporter::new(publisher.clone(), topics.error(), data_qos, metrics.clone());
-    // The inference threads' results: whole batches into the local link (the same bound, in
-    // messages, as the client's request queue).
-    let (results, result_batches) = mqtt::BatchPublisher::new(
-        client.clone(),
-        config.mqtt.request_capacity / config.runtime.max_batch.max(1),
-    );
+    // The inference threads' results: whole batches into the local link, as many messages
+    // queued at most as the client's request queue holds.
+    let (results, result_batches) =
+        mqtt::BatchPublisher::new(client.clone(), config.mqtt.request_capacity);
     let results: Arc<dyn Publisher> = Arc::new(results);
 
     // Pipeline threads.

@@ -5,7 +5,9 @@
 //! routed ([`Intake::route`], no decoding) into the bounded [`Inbox`]es of the decode threads,
 //! which never block, so a slow pipeline can never stall the connection. A decode thread is
 //! woken once per burst of messages ([`Intake::flush`], when rumqttc has no further event
-//! buffered), not once per message. Everything else publishes through the cloneable
+//! buffered), not once per message. The inference threads' QoS 0 results go to the local
+//! link a batch at a time ([`BatchPublisher`]), which writes each batch into the connection
+//! and flushes it once. Everything else publishes through the cloneable
 //! [`rumqttc::AsyncClient`].
 //!
 //! Protocol: MQTT 3.1.1. rumqttd serves one protocol version per listener and sensor firmware
@@ -17,7 +19,8 @@
 //! (which the last will may have flipped to `offline`). A lost connection is retried with an
 //! exponential [`Backoff`] (doubling from `reconnect_min_ms` to `reconnect_max_ms`, reset once
 //! connected); messages queued in the client while disconnected are dropped by rumqttc when the
-//! new session starts.
+//! new session starts. Result batches queued meanwhile (up to `request_capacity` messages;
+//! beyond that they are dropped and counted) are written once connected again.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -25,7 +28,9 @@ use std::time::{Duration, Instant};
 
 use diredi_protocol::messages::ErrorMsg;
 use diredi_protocol::topics::{Route, Topics};
-use rumqttc::{AsyncClient, Event, EventLoop, LastWill, MqttOptions, Outgoing, Packet, QoS};
+use rumqttc::{
+    AsyncClient, ConnectionError, Event, EventLoop, LastWill, MqttOptions, Outgoing, Packet, QoS,
+};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -268,29 +273,51 @@ pub struct Link {
     pub backoff: Backoff,
     /// Shared state.
     pub state: Arc<LinkState>,
-    /// Batches of QoS 0 messages from a [`BatchPublisher`], written with one flush each.
+    /// Batches of QoS 0 messages from a [`BatchPublisher`], each written and flushed whole.
     pub batches: Option<BatchReceiver>,
 }
 
-/// The link's end of a [`BatchPublisher`].
-pub type BatchReceiver = tokio::sync::mpsc::Receiver<Vec<rumqttc::Publish>>;
-
 /// A publisher whose QoS 0 batches (the results of one inference batch) bypass rumqttc's
-/// request queue: the link writes a whole batch into its connection and flushes once, one
-/// system call instead of one per message (rumqttc 0.25 flushes after every request,
-/// bytebeamio/rumqtt#810). Everything else goes through the client as usual.
+/// request queue: the link writes a whole batch into its connection's buffer and flushes it
+/// in a few writes (one per 8 KiB), instead of one write per message (rumqttc 0.25 flushes
+/// after every request, bytebeamio/rumqtt#810). Everything else goes through the client as
+/// usual.
 #[derive(Clone)]
 pub struct BatchPublisher {
     client: AsyncClient,
-    batches: tokio::sync::mpsc::Sender<Vec<rumqttc::Publish>>,
+    batches: tokio::sync::mpsc::UnboundedSender<Vec<rumqttc::Publish>>,
+    queued: Arc<AtomicUsize>,
+    capacity: usize,
+}
+
+/// The link's end of a [`BatchPublisher`].
+pub struct BatchReceiver {
+    rx: tokio::sync::mpsc::UnboundedReceiver<Vec<rumqttc::Publish>>,
+    queued: Arc<AtomicUsize>,
+}
+
+impl BatchReceiver {
+    /// The next batch; `None` once every publisher is gone.
+    async fn recv(&mut self) -> Option<Vec<rumqttc::Publish>> {
+        let batch = self.rx.recv().await?;
+        self.queued.fetch_sub(batch.len(), Ordering::AcqRel);
+        Some(batch)
+    }
 }
 
 impl BatchPublisher {
     /// A publisher over `client` and the receiver for its [`Link::batches`], holding at most
-    /// `capacity` batches (full: the batch is dropped and counted by the caller).
+    /// `capacity` messages (a batch that does not fit is dropped, and the caller counts it).
     pub fn new(client: AsyncClient, capacity: usize) -> (Self, BatchReceiver) {
-        let (batches, rx) = tokio::sync::mpsc::channel(capacity.max(1));
-        (BatchPublisher { client, batches }, rx)
+        let (batches, rx) = tokio::sync::mpsc::unbounded_channel();
+        let queued = Arc::new(AtomicUsize::new(0));
+        let publisher = BatchPublisher {
+            client,
+            batches,
+            queued: queued.clone(),
+            capacity: capacity.max(1),
+        };
+        (publisher, BatchReceiver { rx, queued })
     }
 }
 
@@ -306,6 +333,7 @@ impl Publisher for BatchPublisher {
     }
 
     fn try_publish_batch(&self, qos: QoS, batch: Vec<(String, Vec<u8>)>) -> usize {
+        let n = batch.len();
         if qos != QoS::AtMostOnce {
             // Packet ids and acknowledgements stay with rumqttc's own flow control.
             return batch
@@ -316,43 +344,48 @@ impl Publisher for BatchPublisher {
                 .filter(Result::is_err)
                 .count();
         }
-        let n = batch.len();
+        let reserved = self
+            .queued
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |q| {
+                (q + n <= self.capacity).then_some(q + n)
+            })
+            .is_ok();
+        if !reserved {
+            return n;
+        }
         let publishes = batch
             .into_iter()
             .map(|(topic, payload)| rumqttc::Publish::new(topic, qos, payload))
             .collect();
-        match self.batches.try_send(publishes) {
+        match self.batches.send(publishes) {
             Ok(()) => 0,
-            Err(_) => n,
+            Err(_) => {
+                self.queued.fetch_sub(n, Ordering::AcqRel);
+                n
+            }
         }
     }
 }
 
-/// Writes `batch` into the connection of `eventloop` and flushes once. rumqttc's state sees
-/// every message (as if it came through the client), so its keep-alive and events stay
-/// right. `Err` when the connection failed.
+/// Writes `batch` into the connection of `eventloop` and flushes. rumqttc's state sees every
+/// message (as if it came through the client), so its keep-alive and events stay right.
+/// `Err` when the connection failed; the caller bounds the time it may take.
 async fn write_batch(
     eventloop: &mut EventLoop,
     batch: Vec<rumqttc::Publish>,
-    timeout: Duration,
-) -> Result<(), String> {
+) -> Result<(), ConnectionError> {
     let Some(network) = eventloop.network.as_mut() else {
-        return Err("not connected".into());
+        return Err(std::io::Error::from(std::io::ErrorKind::NotConnected).into());
     };
     for publish in batch {
-        match eventloop
+        if let Some(packet) = eventloop
             .state
-            .handle_outgoing_packet(rumqttc::Request::Publish(publish))
+            .handle_outgoing_packet(rumqttc::Request::Publish(publish))?
         {
-            Ok(Some(packet)) => network.write(packet).await.map_err(|e| e.to_string())?,
-            Ok(None) => {}
-            Err(e) => return Err(e.to_string()),
+            network.write(packet).await?;
         }
     }
-    match tokio::time::timeout(timeout, network.flush()).await {
-        Ok(r) => r.map_err(|e| e.to_string()),
-        Err(_) => Err("flush timed out".into()),
-    }
+    Ok(network.flush().await?)
 }
 
 impl Link {
@@ -369,6 +402,8 @@ impl Link {
         };
         let mut failures: u64 = 0;
         let mut ever_connected = false;
+        // rumqttc's own bound on a flush.
+        let write_timeout = Duration::from_secs(eventloop.network_options().connection_timeout());
         loop {
             // Wake the decode threads once rumqttc has handed out every message of the last
             // socket read, just before this task may wait for the next one.
@@ -377,22 +412,37 @@ impl Link {
                     intake.flush();
                 }
             }
-            let connected = self.state.connected.load(Ordering::Acquire);
+            // A batch is taken once rumqttc has handed out its buffered events (the previous
+            // batch's among them), so reads are not held back by a backlog of results.
+            let take_batch =
+                self.state.connected.load(Ordering::Acquire) && eventloop.state.events.is_empty();
             let event = tokio::select! {
                 biased;
                 _ = stop.cancelled() => break,
-                // Taking a batch drops the pending poll. That is safe here: every write of a
-                // batch ends with a complete flush, so rumqttc's buffer is empty whenever
-                // poll runs and its own writes never wait, and reads and flushes keep their
-                // data when dropped.
-                Some(batch) = next_batch(&mut self.batches), if connected => {
-                    self.state.health.beat();
-                    if let Err(error) = write_batch(&mut eventloop, batch, FLUSH_TIMEOUT).await {
-                        tracing::warn!(link = self.name, broker = %addr, error, "Lost the broker connection while writing results; reconnecting.");
-                        self.state.connected.store(false, Ordering::Release);
-                        eventloop.clean();
+                // Taking a batch drops the pending poll. That is safe here: every batch write
+                // ends with a complete flush (or a failed connection, which is cleaned), so
+                // rumqttc's buffer is empty whenever poll runs and its own writes (a request,
+                // a ping, acknowledgements: under 8 KiB) never wait; its reads and flushes
+                // keep their data when dropped.
+                Some(batch) = next_batch(&mut self.batches), if take_batch => {
+                    let written = tokio::select! {
+                        biased;
+                        _ = stop.cancelled() => break,
+                        w = tokio::time::timeout(write_timeout, write_batch(&mut eventloop, batch)) => {
+                            w.unwrap_or(Err(ConnectionError::FlushTimeout))
+                        }
+                    };
+                    match written {
+                        Ok(()) => {
+                            self.state.health.beat();
+                            continue;
+                        }
+                        // Handled below like a failed poll: reconnect after the backoff.
+                        Err(e) => {
+                            eventloop.clean();
+                            Err(e)
+                        }
                     }
-                    continue;
                 }
                 ev = eventloop.poll() => ev,
             };
@@ -479,10 +529,6 @@ impl Link {
         self.state.health.finish();
     }
 }
-
-/// How long a batch's flush may take (rumqttc's own flush timeout is its connection
-/// timeout, 5 s by default).
-const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The next batch, or never when there is no batch channel.
 async fn next_batch(batches: &mut Option<BatchReceiver>) -> Option<Vec<rumqttc::Publish>> {
@@ -620,7 +666,7 @@ mod tests {
     #[tokio::test]
     async fn qos0_batches_go_whole_to_the_link_and_a_full_queue_drops_them() {
         let (client, _eventloop) = AsyncClient::new(MqttOptions::new("t", "127.0.0.1", 1), 16);
-        let (publisher, mut rx) = BatchPublisher::new(client, 1);
+        let (publisher, mut rx) = BatchPublisher::new(client, 4);
         assert_eq!(
             publisher.try_publish_batch(QoS::AtMostOnce, batch(&["a/1", "a/2", "a/3"])),
             0
@@ -628,18 +674,30 @@ mod tests {
         assert_eq!(
             publisher.try_publish_batch(QoS::AtMostOnce, batch(&["b/1", "b/2"])),
             2,
-            "the channel holds one batch"
+            "4 messages at most are queued"
         );
-        let got = rx.try_recv().unwrap();
+        assert_eq!(
+            publisher.try_publish_batch(QoS::AtMostOnce, batch(&["b/3"])),
+            0,
+            "one more still fits"
+        );
+        let got = rx.recv().await.unwrap();
         let topics: Vec<&str> = got.iter().map(|p| p.topic.as_str()).collect();
         assert_eq!(topics, ["a/1", "a/2", "a/3"]);
         assert!(got.iter().all(|p| p.qos == QoS::AtMostOnce && !p.retain));
         assert_eq!(&got[2].payload[..], b"2");
+        assert_eq!(rx.recv().await.unwrap().len(), 1);
+        assert_eq!(
+            publisher.try_publish_batch(QoS::AtMostOnce, batch(&["d/1", "d/2", "d/3", "d/4"])),
+            0,
+            "taking batches frees their room"
+        );
         assert_eq!(
             publisher.try_publish_batch(QoS::AtLeastOnce, batch(&["c/1"])),
             0
         );
-        assert!(rx.try_recv().is_err(), "QoS 1 stays with rumqttc");
+        assert_eq!(rx.recv().await.unwrap().len(), 4);
+        assert!(rx.rx.try_recv().is_err(), "QoS 1 stays with rumqttc");
     }
 
     /// A link writes its batches into a real broker connection: a subscriber gets every
@@ -685,7 +743,7 @@ mod tests {
         // The link.
         let (client, eventloop) =
             diredi_mqtt::client(MqttOptions::new("gw", "127.0.0.1", port), 16);
-        let (publisher, batches) = BatchPublisher::new(client.clone(), 4);
+        let (publisher, batches) = BatchPublisher::new(client.clone(), 64);
         let state = Arc::new(LinkState {
             connected: AtomicBool::new(false),
             ready: watch::channel(false).0,
@@ -749,6 +807,92 @@ mod tests {
         task.await.unwrap();
     }
 
+    /// A broker that stops reading: a blocked batch write gives up after rumqttc's connection
+    /// timeout and the link reconnects (after its backoff); a stop ends a blocked write at once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stuck_batch_write_times_out_into_a_reconnect_and_yields_to_stop() {
+        use std::io::{Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        // Accepts connections, answers CONNECT with CONNACK, then never reads again.
+        let (conn_tx, mut connections) = tokio::sync::mpsc::unbounded_channel();
+        std::thread::spawn(move || {
+            let mut held = Vec::new();
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { return };
+                let mut connect = [0u8; 256];
+                let _ = stream.read(&mut connect);
+                let _ = stream.write_all(&[0x20, 0x02, 0x00, 0x00]);
+                held.push(stream);
+                if conn_tx.send(()).is_err() {
+                    return;
+                }
+            }
+        });
+        let (client, mut eventloop) =
+            diredi_mqtt::client(MqttOptions::new("gw", "127.0.0.1", port), 16);
+        eventloop.network_options.set_connection_timeout(1);
+        let (publisher, batches) = BatchPublisher::new(client.clone(), 1 << 16);
+        let state = Arc::new(LinkState {
+            connected: AtomicBool::new(false),
+            ready: watch::channel(false).0,
+            health: LoopHealth::new(Duration::from_secs(60)),
+        });
+        let link = Link {
+            name: "test",
+            subscriptions: Vec::new(),
+            announce: Arc::new(Vec::new),
+            reannounce_on: None,
+            intake: None,
+            backoff: Backoff::new(Duration::from_millis(200), Duration::from_millis(200)),
+            state: state.clone(),
+            batches: Some(batches),
+        };
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(link.run(client.clone(), eventloop, stop.clone()));
+        let ten_s = Duration::from_secs(10);
+        tokio::time::timeout(ten_s, connections.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        while !state.connected.load(Ordering::Acquire) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // Far more than the socket buffers hold (32 MiB in messages under rumqttc's 10 KiB
+        // packet limit): the write blocks.
+        let big = vec![0u8; 8 * 1024];
+        let sent = Instant::now();
+        for _ in 0..128 {
+            let batch = (0..32).map(|i| (format!("r/{i}"), big.clone())).collect();
+            assert_eq!(publisher.try_publish_batch(QoS::AtMostOnce, batch), 0);
+        }
+        // After the 1 s timeout and the 200 ms backoff, the link connects again.
+        tokio::time::timeout(ten_s, connections.recv())
+            .await
+            .expect("the link reconnects")
+            .unwrap();
+        assert!(
+            sent.elapsed() >= Duration::from_millis(1100),
+            "reconnected after {:?}: not the write timeout",
+            sent.elapsed()
+        );
+        // Blocked again on the new connection (the queued batches are written there):
+        // a stop ends the write now, not after the timeout.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!task.is_finished());
+        let t = Instant::now();
+        stop.cancel();
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            t.elapsed() < Duration::from_millis(500),
+            "{:?}",
+            t.elapsed()
+        );
+    }
+
     /// Routing queues without waking; the flush wakes the decode thread blocked on the inbox.
     #[test]
     fn routed_messages_wake_the_decode_thread_at_the_flush() {
@@ -764,7 +908,9 @@ mod tests {
             })
         };
         // Let the reader block on the empty inbox first.
-        std::thread::sleep(Duration::from_millis(50));
+        while !inbox.is_waiting() {
+            std::thread::sleep(Duration::from_millis(1));
+        }
         for id in ["a", "b", "c"] {
             i.route(publish(&format!("diredi/v1/gw/sensor/{id}")));
         }
