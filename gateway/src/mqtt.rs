@@ -336,13 +336,7 @@ impl Publisher for BatchPublisher {
         let n = batch.len();
         if qos != QoS::AtMostOnce {
             // Packet ids and acknowledgements stay with rumqttc's own flow control.
-            return batch
-                .into_iter()
-                .map(|(topic, payload)| {
-                    Publisher::try_publish(&self.client, topic, qos, false, payload)
-                })
-                .filter(Result::is_err)
-                .count();
+            return Publisher::try_publish_batch(&self.client, qos, batch);
         }
         let reserved = self
             .queued
@@ -700,6 +694,27 @@ mod tests {
         assert!(rx.rx.try_recv().is_err(), "QoS 1 stays with rumqttc");
     }
 
+    /// A link with no subscriptions or announcements that writes `batches`, reconnecting
+    /// after `backoff`.
+    fn batch_link(batches: BatchReceiver, backoff: Duration) -> (Link, Arc<LinkState>) {
+        let state = Arc::new(LinkState {
+            connected: AtomicBool::new(false),
+            ready: watch::channel(false).0,
+            health: LoopHealth::new(Duration::from_secs(60)),
+        });
+        let link = Link {
+            name: "test",
+            subscriptions: Vec::new(),
+            announce: Arc::new(Vec::new),
+            reannounce_on: None,
+            intake: None,
+            backoff: Backoff::new(backoff, backoff),
+            state: state.clone(),
+            batches: Some(batches),
+        };
+        (link, state)
+    }
+
     /// A link writes its batches into a real broker connection: a subscriber gets every
     /// message, in order, next to what goes through the client.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -744,22 +759,8 @@ mod tests {
         let (client, eventloop) =
             diredi_mqtt::client(MqttOptions::new("gw", "127.0.0.1", port), 16);
         let (publisher, batches) = BatchPublisher::new(client.clone(), 64);
-        let state = Arc::new(LinkState {
-            connected: AtomicBool::new(false),
-            ready: watch::channel(false).0,
-            health: LoopHealth::new(Duration::from_secs(60)),
-        });
+        let (link, state) = batch_link(batches, Duration::from_millis(50));
         let mut ready = state.ready.subscribe();
-        let link = Link {
-            name: "test",
-            subscriptions: Vec::new(),
-            announce: Arc::new(Vec::new),
-            reannounce_on: None,
-            intake: None,
-            backoff: Backoff::new(Duration::from_millis(50), Duration::from_millis(50)),
-            state: state.clone(),
-            batches: Some(batches),
-        };
         let stop = CancellationToken::new();
         let task = tokio::spawn(link.run(client.clone(), eventloop, stop.clone()));
         tokio::time::timeout(Duration::from_secs(10), ready.wait_for(|r| *r))
@@ -833,21 +834,7 @@ mod tests {
             diredi_mqtt::client(MqttOptions::new("gw", "127.0.0.1", port), 16);
         eventloop.network_options.set_connection_timeout(1);
         let (publisher, batches) = BatchPublisher::new(client.clone(), 1 << 16);
-        let state = Arc::new(LinkState {
-            connected: AtomicBool::new(false),
-            ready: watch::channel(false).0,
-            health: LoopHealth::new(Duration::from_secs(60)),
-        });
-        let link = Link {
-            name: "test",
-            subscriptions: Vec::new(),
-            announce: Arc::new(Vec::new),
-            reannounce_on: None,
-            intake: None,
-            backoff: Backoff::new(Duration::from_millis(200), Duration::from_millis(200)),
-            state: state.clone(),
-            batches: Some(batches),
-        };
+        let (link, state) = batch_link(batches, Duration::from_millis(200));
         let stop = CancellationToken::new();
         let task = tokio::spawn(link.run(client.clone(), eventloop, stop.clone()));
         let ten_s = Duration::from_secs(10);
