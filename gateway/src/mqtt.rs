@@ -399,17 +399,17 @@ impl Link {
         // rumqttc's own bound on a flush.
         let write_timeout = Duration::from_secs(eventloop.network_options().connection_timeout());
         loop {
-            // Wake the decode threads once rumqttc has handed out every message of the last
-            // socket read, just before this task may wait for the next one.
-            if eventloop.state.events.is_empty() {
+            // Once rumqttc has handed out every buffered event (the messages of the last socket
+            // read, the previous batch's results), just before this task may wait: wake the
+            // decode threads, and take the next batch (so a backlog of results never holds
+            // reads back).
+            let drained = eventloop.state.events.is_empty();
+            if drained {
                 if let Some(intake) = self.intake.as_mut() {
                     intake.flush();
                 }
             }
-            // A batch is taken once rumqttc has handed out its buffered events (the previous
-            // batch's among them), so reads are not held back by a backlog of results.
-            let take_batch =
-                self.state.connected.load(Ordering::Acquire) && eventloop.state.events.is_empty();
+            let take_batch = drained && self.state.connected.load(Ordering::Acquire);
             let event = tokio::select! {
                 biased;
                 _ = stop.cancelled() => break,
