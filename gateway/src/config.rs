@@ -290,7 +290,7 @@ impl Default for RawPipeline {
         RawPipeline {
             decode_threads: 1,
             ingest_capacity: 256,
-            queue_capacity: 256,
+            queue_capacity: 1024,
             queue_policy: QueuePolicy::DropOldest,
             max_sensors: 64,
             max_payload_bytes: 64 * 1024,

@@ -98,7 +98,7 @@ async fn windows_in_results_out_through_embedded_rumqttd() {
     assert_eq!(metrics["sensors"], 1);
     assert_eq!(metrics["inputs_rejected"], 0);
     assert!(metrics["rss_bytes"].as_u64().unwrap() > 1 << 20);
-    assert_eq!(metrics["queue_capacity"], 256);
+    assert_eq!(metrics["queue_capacity"], 1024);
     gw.stop().await.unwrap();
 }
 
