@@ -26,6 +26,7 @@ pub mod report;
 pub mod sweep;
 
 use std::collections::BTreeMap;
+use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -167,6 +168,11 @@ pub struct PerfArgs {
     /// Write the latency CDF plot (SVG) here.
     #[arg(long)]
     pub plot: Option<PathBuf>,
+    /// Write the per-window times of each target's load phase here, as
+    /// `{dir}/{target}-load.tsv` (message index, publish time in Unix µs, publish → result ms,
+    /// the gateway's own ms), to see when slow windows happened.
+    #[arg(long, value_name = "DIR")]
+    pub trace: Option<PathBuf>,
     /// `KEY=VALUE` set in the Rust gateway's environment (repeatable), for example
     /// `DIREDI_RUNTIME__MAX_BATCH=8`.
     #[arg(long = "gateway-env", value_name = "KEY=VALUE", value_parser = parse_env)]
@@ -885,29 +891,46 @@ fn format_name(f: PayloadFormat) -> &'static str {
 impl LoadRun {
     /// Sorted latencies in ms, joined through the publish times.
     fn latencies(&self, ctx: &Ctx<'_>, what: Collect) -> Vec<f64> {
-        let n = ctx.args.sensors as usize;
-        let spm = ctx.args.samples_per_message as usize;
         let mut lat: Vec<f64> = self
-            .recs
-            .iter()
-            .filter_map(|r| {
-                let j = match what {
-                    Collect::Inference => sensor_message(
-                        r.key,
-                        r.sensor as usize,
-                        self.base_ts,
-                        ctx.shape.period_ms(),
-                        spm,
-                        n,
-                    )?,
-                    Collect::Sensor => usize::try_from(r.key).ok()? * n + r.sensor as usize,
-                };
-                let sent = *self.times.get(j)?;
-                Some((r.recv_us - sent) as f64 / 1e3)
-            })
+            .joined(ctx, what)
+            .map(|(_, sent, r)| (r.recv_us - sent) as f64 / 1e3)
             .collect();
         lat.sort_by(f64::total_cmp);
         lat
+    }
+
+    /// Each received message with the index `j` and publish time of the message it came from.
+    fn joined<'s>(
+        &'s self,
+        ctx: &Ctx<'_>,
+        what: Collect,
+    ) -> impl Iterator<Item = (usize, i64, &'s Rec)> + 's {
+        let n = ctx.args.sensors as usize;
+        let spm = ctx.args.samples_per_message as usize;
+        let (base_ts, period_ms) = (self.base_ts, ctx.shape.period_ms());
+        self.recs.iter().filter_map(move |r| {
+            let j = match what {
+                Collect::Inference => {
+                    sensor_message(r.key, r.sensor as usize, base_ts, period_ms, spm, n)?
+                }
+                Collect::Sensor => usize::try_from(r.key).ok()? * n + r.sensor as usize,
+            };
+            Some((j, *self.times.get(j)?, r))
+        })
+    }
+
+    /// Writes the per-window trace of `--trace` (see [`PerfArgs::trace`]), in arrival order.
+    fn write_trace(&self, ctx: &Ctx<'_>, path: &Path) -> Result<()> {
+        let mut out = String::from("j\tsent_unix_us\tlatency_ms\tgateway_ms\n");
+        for (j, sent, r) in self.joined(ctx, Collect::Inference) {
+            let _ = writeln!(
+                out,
+                "{j}\t{sent}\t{:.3}\t{:.3}",
+                (r.recv_us - sent) as f64 / 1e3,
+                r.internal_ms
+            );
+        }
+        std::fs::write(path, out).with_context(|| format!("writing {}", path.display()))
     }
 
     /// Messages received per second while the load ran, after its first fifth.
@@ -1194,6 +1217,10 @@ async fn run_target(ctx: &Ctx<'_>, target: Target) -> Result<TargetResult> {
     .await?;
     gateway.check_alive()?;
     let (load, load_latencies_ms) = phase(ctx, &run, Some(rate));
+    if let Some(dir) = &args.trace {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        run.write_trace(ctx, &dir.join(format!("{}-load.tsv", target.name())))?;
+    }
     let rss_peak_mib = procstat::rss_peak_mib(pid).unwrap_or(f64::NAN);
     drop(gateway);
     drop(mosquitto);

@@ -112,7 +112,15 @@ fn harness(args: &[&str]) -> Option<Harness> {
 #[test]
 fn perf_run_on_a_small_load_writes_well_formed_results_and_loses_no_window() {
     let _turn = crate::heavy_turn();
-    let Some(h) = harness(&["run", "--targets", "rust-embedded,rust-mosquitto"]) else {
+    let trace = tempfile::tempdir().unwrap();
+    let trace_dir = trace.path().to_str().unwrap();
+    let Some(h) = harness(&[
+        "run",
+        "--targets",
+        "rust-embedded,rust-mosquitto",
+        "--trace",
+        trace_dir,
+    ]) else {
         return;
     };
     let (stdout, stderr, doc) = (&h.stdout, &h.stderr, &h.json);
@@ -158,6 +166,26 @@ fn perf_run_on_a_small_load_writes_well_formed_results_and_loses_no_window() {
             "{name}: every result joined"
         );
         assert!(load["gateway_cpu_s"].as_f64().unwrap() > 0.0);
+        // The trace has one row per result, each joined to its publish time.
+        let tsv = std::fs::read_to_string(trace.path().join(format!("{name}-load.tsv"))).unwrap();
+        let mut lines = tsv.lines();
+        assert_eq!(
+            lines.next(),
+            Some("j\tsent_unix_us\tlatency_ms\tgateway_ms")
+        );
+        let rows: Vec<Vec<f64>> = lines
+            .map(|l| l.split('\t').map(|v| v.parse().unwrap()).collect())
+            .collect();
+        assert_eq!(rows.len() as u64, wout, "{name}: one trace row per result");
+        for r in &rows {
+            assert_eq!(r.len(), 4);
+            assert!(
+                r[1] > 1.6e15,
+                "{name}: publish time {} is not Unix µs",
+                r[1]
+            );
+            assert!(r[2] > 0.0 && r[2] < 5_000.0 && r[3] >= 0.0 && r[3] <= r[2] + 0.01);
+        }
         let wps = load["windows_per_second"].as_f64().unwrap();
         assert!(
             wps > 50.0 && wps < 200.0,
