@@ -243,6 +243,9 @@ pub struct RawRuntime {
     /// Once serving (and after each model install or adaptation), unmap the read-only file
     /// pages (code and constants) that only loading needed; see `memory`.
     pub release_startup_pages: bool,
+    /// Nice value of the inference threads (−20 to 19; lower = higher priority); see
+    /// `priority`.
+    pub inference_nice: i32,
 }
 
 impl Default for RawRuntime {
@@ -258,6 +261,7 @@ impl Default for RawRuntime {
             drain_timeout_ms: 3000,
             async_threads: 0,
             release_startup_pages: true,
+            inference_nice: -10,
         }
     }
 }
@@ -660,6 +664,8 @@ pub struct RuntimeConfig {
     pub async_threads: usize,
     /// Unmap start-up-only file pages once serving.
     pub release_startup_pages: bool,
+    /// Nice value of the inference threads.
+    pub inference_nice: i32,
 }
 
 /// Decoding, windowing and queues.
@@ -1093,6 +1099,12 @@ pub fn compile(raw: &RawConfig, base: &Path, source: Option<&Path>) -> Result<Co
     c.range("runtime.max_wait_ms", rt.max_wait_ms, 0, 1000);
     c.range("runtime.async_threads", rt.async_threads, 0, 64);
     c.range(
+        "runtime.inference_nice",
+        rt.inference_nice,
+        crate::priority::MIN_NICE,
+        crate::priority::MAX_NICE,
+    );
+    c.range(
         "runtime.drain_timeout_ms",
         rt.drain_timeout_ms,
         0,
@@ -1113,6 +1125,7 @@ pub fn compile(raw: &RawConfig, base: &Path, source: Option<&Path>) -> Result<Co
         drain_timeout: Duration::from_millis(rt.drain_timeout_ms),
         async_threads: rt.async_threads,
         release_startup_pages: rt.release_startup_pages,
+        inference_nice: rt.inference_nice,
     };
 
     // [pipeline]

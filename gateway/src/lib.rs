@@ -363,11 +363,13 @@ pub async fn run_with(
             th.clone(),
         );
         let done = workers_done_tx.clone();
+        let nice = config.runtime.inference_nice;
         std::thread::Builder::new()
             .name(name.clone())
             .spawn(move || {
                 let _exit = ExitGuard(th);
                 let _done = done;
+                crate::priority::set_inference_thread_nice(nice);
                 worker.run();
             })
             .map_err(|source| GatewayError::Thread { name, source })?;

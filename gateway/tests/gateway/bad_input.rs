@@ -77,11 +77,25 @@ async fn every_bad_input_is_reported_while_a_good_sensor_keeps_being_served() {
 
     let mut expected: Vec<&str> = bad.iter().map(|b| b.2).filter(|k| !k.is_empty()).collect();
     expected.push("invalid_sensor_id");
+    // The good sensor: windows at samples 8, 12, ..., (8 messages + 1) × 8 samples. Its
+    // results and the error messages interleave: keep both while waiting for either.
+    let want = (good_sent + 8 - 8) / 4 + 1;
+    let mut good = Vec::new();
     let mut seen = Vec::new();
-    while seen.len() < expected.len() {
-        let m = obs.next_on("/error", WAIT).await.unwrap_or_else(|| {
-            panic!("missing error messages; got {seen:?}, expected {expected:?}")
+    while seen.len() < expected.len() || good.len() < want {
+        let m = obs.next_on("", WAIT).await.unwrap_or_else(|| {
+            panic!(
+                "missing messages; errors {seen:?} of {expected:?}, good results {} of {want}",
+                good.len()
+            )
         });
+        if m.topic.ends_with("/inference/good") {
+            good.push(m);
+            continue;
+        }
+        if !m.topic.ends_with("/error") {
+            continue;
+        }
         let v = m.json();
         assert!(v["reason"].as_str().is_some_and(|r| r.len() > 10), "{v}");
         assert!(v["ts"].as_i64().unwrap() > T0);
@@ -102,9 +116,6 @@ async fn every_bad_input_is_reported_while_a_good_sensor_keeps_being_served() {
     expected.sort();
     assert_eq!(seen, expected);
 
-    // The good sensor: windows at samples 8, 12, ..., (8 messages + 1) × 8 samples.
-    let want = (good_sent + 8 - 8) / 4 + 1;
-    let good = obs.collect("/inference/good", want, WAIT).await;
     assert_eq!(good.len(), want, "good sensor served throughout");
     let m = obs
         .next_json("/metrics", WAIT, |v| {

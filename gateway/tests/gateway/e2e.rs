@@ -99,7 +99,45 @@ async fn windows_in_results_out_through_embedded_rumqttd() {
     assert_eq!(metrics["inputs_rejected"], 0);
     assert!(metrics["rss_bytes"].as_u64().unwrap() > 1 << 20);
     assert_eq!(metrics["queue_capacity"], 1024);
+    assert_inference_threads_at_default_priority();
     gw.stop().await.unwrap();
+}
+
+/// The inference threads of this test process (every gateway here runs the default
+/// `runtime.inference_nice`, −10) run at −10 where the process may raise a priority, and at
+/// the process's own priority where it may not.
+fn assert_inference_threads_at_default_priority() {
+    use diredi_gateway::priority::{current_thread_nice, set_current_thread_nice};
+    let (allowed, own) = std::thread::spawn(|| {
+        let own = current_thread_nice().unwrap();
+        (set_current_thread_nice(-10).is_ok(), own)
+    })
+    .join()
+    .unwrap();
+    let expected = if allowed { -10 } else { own };
+    let mut seen = 0;
+    for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if !comm.starts_with("inference-") {
+            continue;
+        }
+        // The thread may have ended since the directory was listed.
+        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
+            continue;
+        };
+        // Field 19 is the nice value; the fields after the command name start at field 3.
+        let after_comm = &stat[stat.rfind(')').unwrap() + 2..];
+        let nice: i32 = after_comm.split(' ').nth(16).unwrap().parse().unwrap();
+        assert_eq!(
+            nice,
+            expected,
+            "{} ({})",
+            comm.trim(),
+            task.path().display()
+        );
+        seen += 1;
+    }
+    assert!(seen >= 1, "no inference thread found");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
