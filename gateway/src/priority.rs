@@ -22,7 +22,8 @@ pub const MAX_NICE: i32 = 19;
 /// Lowest nice value (highest priority) Linux accepts.
 pub const MIN_NICE: i32 = -20;
 
-/// Sets the calling thread's nice value to `nice` (0 to [`MAX_NICE`]; higher = lower priority).
+/// Sets the calling thread's nice value to `nice` ([`MIN_NICE`] to [`MAX_NICE`]; higher = lower
+/// priority). A value below the thread's current one needs the right to raise a priority.
 pub fn set_current_thread_nice(nice: i32) -> io::Result<()> {
     rustix::process::setpriority_process(Some(rustix::thread::gettid()), nice).map_err(Into::into)
 }
