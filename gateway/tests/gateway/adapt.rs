@@ -9,31 +9,8 @@ use super::support::*;
 
 const T0: i64 = 1_700_000_000_000;
 
-/// Nice values of this process's threads whose name is `name` or starts with `prefix`.
-fn nices(name: &str, prefix: &str) -> Vec<i32> {
-    let mut out = Vec::new();
-    for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
-        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
-        let comm = comm.trim_end();
-        if comm != name && !comm.starts_with(prefix) {
-            continue;
-        }
-        // Fields after "(comm)": state is field 3, nice is field 19.
-        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
-            continue;
-        };
-        let Some((_, rest)) = stat.rsplit_once(')') else {
-            continue;
-        };
-        if let Some(n) = rest.split_whitespace().nth(16) {
-            out.push(n.parse().unwrap());
-        }
-    }
-    out
-}
-
 /// With `adapt_nice = 12`: the `adapt` thread and its training pool run at nice 12 while the
-/// inference threads keep the process's priority; `cancel_adapt` stops a long adaptation within
+/// inference threads do not; `cancel_adapt` stops a long adaptation within
 /// seconds, reports `cancelled`, queues no knowledge, and windows keep being classified. A
 /// `cancel_adapt` with nothing running is a bad command.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -110,7 +87,7 @@ async fn adaptation_runs_at_low_priority_and_cancel_adapt_stops_it() {
     // The adapt thread and its pool appear, niced; the inference threads are not.
     let deadline = Instant::now() + WAIT;
     let (adapt, pool) = loop {
-        let (adapt, pool) = (nices("adapt", "\0"), nices("\0", "adapt-"));
+        let (adapt, pool) = (thread_nices("adapt", "\0"), thread_nices("\0", "adapt-"));
         if (adapt.contains(&12) && pool.contains(&12)) || Instant::now() > deadline {
             break (adapt, pool);
         }
@@ -118,7 +95,7 @@ async fn adaptation_runs_at_low_priority_and_cancel_adapt_stops_it() {
     };
     assert!(adapt.contains(&12), "adapt thread nice values {adapt:?}");
     assert!(pool.contains(&12), "adapt pool nice values {pool:?}");
-    let inference = nices("\0", "inference-");
+    let inference = thread_nices("\0", "inference-");
     assert!(
         !inference.is_empty() && !inference.contains(&12),
         "inference thread nice values {inference:?}"

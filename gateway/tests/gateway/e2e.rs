@@ -115,29 +115,12 @@ fn assert_inference_threads_at_default_priority() {
     .join()
     .unwrap();
     let expected = if allowed { -10 } else { own };
-    let mut seen = 0;
-    for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
-        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
-        if !comm.starts_with("inference-") {
-            continue;
-        }
-        // The thread may have ended since the directory was listed.
-        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
-            continue;
-        };
-        // Field 19 is the nice value; the fields after the command name start at field 3.
-        let after_comm = &stat[stat.rfind(')').unwrap() + 2..];
-        let nice: i32 = after_comm.split(' ').nth(16).unwrap().parse().unwrap();
-        assert_eq!(
-            nice,
-            expected,
-            "{} ({})",
-            comm.trim(),
-            task.path().display()
-        );
-        seen += 1;
-    }
-    assert!(seen >= 1, "no inference thread found");
+    let nices = thread_nices("\0", "inference-");
+    assert!(!nices.is_empty(), "no inference thread found");
+    assert!(
+        nices.iter().all(|&n| n == expected),
+        "inference thread nice values {nices:?}, expected {expected}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

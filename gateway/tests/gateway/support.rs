@@ -726,3 +726,26 @@ pub fn rows(from: usize, n: usize, spec: &Spec) -> Vec<f32> {
         .map(|(k, z)| spec.mean[k] + spec.std[k] * z)
         .collect()
 }
+
+/// Nice values of this process's threads whose name is `name` or starts with `prefix`.
+pub fn thread_nices(name: &str, prefix: &str) -> Vec<i32> {
+    let mut out = Vec::new();
+    for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        let comm = comm.trim_end();
+        if comm != name && !comm.starts_with(prefix) {
+            continue;
+        }
+        // Fields after "(comm)": state is field 3, nice is field 19.
+        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
+            continue;
+        };
+        let Some((_, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        if let Some(n) = rest.split_whitespace().nth(16) {
+            out.push(n.parse().unwrap());
+        }
+    }
+    out
+}
