@@ -24,6 +24,18 @@ pub struct SpeedResult {
     pub ms_per_batch_p99: f64,
 }
 
+/// `batch` windows of `c` × `t` deterministic pseudo-random values in [-1, 1] (xorshift32):
+/// the same input on every run, so speeds compare.
+pub fn pseudo_random_batch(batch: usize, c: usize, t: usize) -> Array3<f32> {
+    let mut state = 0x2545_f491_u32;
+    Array3::from_shape_fn((batch, c, t), |_| {
+        state ^= state << 13;
+        state ^= state >> 17;
+        state ^= state << 5;
+        (state as f32 / u32::MAX as f32) * 2.0 - 1.0
+    })
+}
+
 /// Runs `model` on deterministic pseudo-random windows for about `seconds` per batch size.
 pub fn model_speed(
     model: &PackagedModel,
@@ -40,13 +52,7 @@ pub fn model_speed(
     let (c, t) = (clf.channels(), clf.window());
     let mut out = Vec::new();
     for &batch in batches {
-        let mut state = 0x2545_f491_u32;
-        let x = Array3::from_shape_fn((batch, c, t), |_| {
-            state ^= state << 13;
-            state ^= state >> 17;
-            state ^= state << 5;
-            (state as f32 / u32::MAX as f32) * 2.0 - 1.0
-        });
+        let x = pseudo_random_batch(batch, c, t);
         for _ in 0..20 {
             clf.classify(x.view())?;
         }

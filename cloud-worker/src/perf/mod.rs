@@ -23,6 +23,7 @@ pub mod load;
 mod procs;
 pub mod procstat;
 pub mod report;
+pub mod steady;
 pub mod sweep;
 
 use std::collections::BTreeMap;
@@ -63,6 +64,9 @@ pub enum PerfCmd {
     Sweep(Box<sweep::SweepArgs>),
     /// The load generator that `perf run` starts as its own process.
     Load(load::LoadArgs),
+    /// How steady the machine's own compute speed is: the shipped model in-process, one
+    /// thread, timed per 100 ms, with no gateway or broker. Run it on an idle machine.
+    Steady(steady::SteadyArgs),
 }
 
 /// A gateway and the broker it runs on.
@@ -409,6 +413,7 @@ pub async fn run(cmd: PerfCmd, shutdown: CancellationToken) -> Result<()> {
             report::write(&args, &r)
         }
         PerfCmd::Sweep(args) => sweep::run(*args, shutdown).await,
+        PerfCmd::Steady(args) => steady::run(args).await,
     }
 }
 

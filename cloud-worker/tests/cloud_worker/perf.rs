@@ -255,3 +255,56 @@ fn perf_sweep_measures_one_point_per_setting() {
     assert!(h.md.contains("### max_batch") && h.md.contains("### format"));
     assert!(h.svg.starts_with("<svg"));
 }
+
+/// `perf steady` for one second: well-formed JSON whose buckets add up to the run and whose
+/// summary agrees with them.
+#[test]
+fn perf_steady_times_the_model_in_buckets_and_summarises_them() {
+    if !available("ONNX Runtime", diredi_infer::init_runtime(None).is_ok()) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("steady.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_diredi-cloud-worker"))
+        .current_dir(repo_root())
+        .args(["perf", "steady", "--seconds", "1", "--batch", "8", "--json"])
+        .arg(&json)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "perf steady failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("µs per call of 8 windows"), "{stdout}");
+    let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    assert_eq!(doc["benchmark"], "perf-steady");
+    assert_eq!(doc["batch"], 8);
+    let buckets = doc["buckets"].as_array().unwrap();
+    // 1 s in 100 ms buckets: the last, partial one is not written.
+    assert!(
+        (8..=10).contains(&buckets.len()),
+        "{} buckets",
+        buckets.len()
+    );
+    let at: Vec<u64> = buckets
+        .iter()
+        .map(|b| b["at_ms"].as_u64().unwrap())
+        .collect();
+    assert!(at.windows(2).all(|w| w[0] < w[1]), "{at:?}");
+    let summary = &doc["summary"];
+    let median = summary["median_us_per_call"].as_f64().unwrap();
+    let max = summary["max_us_per_call"].as_f64().unwrap();
+    assert!(median > 0.0 && max >= median, "{summary}");
+    let per_call: Vec<f64> = buckets
+        .iter()
+        .filter(|b| b["calls"].as_u64().unwrap() >= 3)
+        .map(|b| b["us_per_call"].as_f64().unwrap())
+        .collect();
+    assert_eq!(
+        summary["buckets"].as_u64().unwrap() as usize,
+        per_call.len()
+    );
+    assert_eq!(per_call.iter().copied().fold(0.0, f64::max), max);
+}
