@@ -1,5 +1,6 @@
 //! Inference speed of a packaged model in ONNX Runtime, in-process and without MQTT: the
-//! "inference limit" against which the gateway is compared. Batch 1 and batch 64, one thread.
+//! "inference limit" against which the gateway is compared. Batch 1 and batch 64, one thread;
+//! and the same model on every CPU at once, the most inference the machine can do.
 
 use std::time::Instant;
 
@@ -80,4 +81,79 @@ pub fn model_speed(
         });
     }
     Ok(out)
+}
+
+/// The model on every CPU at once: one single-threaded session per thread, all started
+/// together. With nothing else running, this is the most inference the machine can do with
+/// ONNX Runtime, so no gateway running the model in ONNX Runtime on it can deliver more.
+#[derive(Debug, Clone, Serialize)]
+pub struct ParallelSpeed {
+    /// Sessions run at once (one thread each).
+    pub sessions: usize,
+    pub batch: usize,
+    /// windows/s of each session.
+    pub per_session: Vec<f64>,
+    /// Their sum.
+    pub windows_per_second: f64,
+}
+
+/// Runs `sessions` copies of `model` at once, each on its own thread with a one-thread session
+/// and batches of `batch`, for about `seconds` after a common start.
+pub fn parallel_model_speed(
+    model: &PackagedModel,
+    sessions: usize,
+    batch: usize,
+    seconds: f64,
+) -> Result<ParallelSpeed> {
+    diredi_infer::init_runtime(None)?;
+    let sessions = sessions.max(1);
+    let start = std::sync::Barrier::new(sessions);
+    let per_session = std::thread::scope(|s| {
+        let runs: Vec<_> = (0..sessions)
+            .map(|_| s.spawn(|| one_session(model, batch, seconds, &start)))
+            .collect();
+        runs.into_iter()
+            .map(|h| {
+                h.join()
+                    .map_err(|_| anyhow::anyhow!("an inference thread panicked"))?
+            })
+            .collect::<Result<Vec<f64>>>()
+    })?;
+    Ok(ParallelSpeed {
+        sessions,
+        batch,
+        windows_per_second: per_session.iter().sum(),
+        per_session,
+    })
+}
+
+/// One session of [`parallel_model_speed`]: set up and warm up, wait for the others, then
+/// run for `seconds` and return windows/s.
+fn one_session(
+    model: &PackagedModel,
+    batch: usize,
+    seconds: f64,
+    start: &std::sync::Barrier,
+) -> Result<f64> {
+    let setup = (|| -> Result<_> {
+        let cfg = SessionConfig {
+            intra_threads: 1,
+            ..SessionConfig::default()
+        };
+        let clf = OrtClassifier::from_bytes(&model.onnx, &cfg)?;
+        let x = pseudo_random_batch(batch.max(1), clf.channels(), clf.window());
+        for _ in 0..20 {
+            clf.classify(x.view())?;
+        }
+        Ok((clf, x))
+    })();
+    // Every thread reaches the barrier, also one whose setup failed, so none waits forever.
+    start.wait();
+    let (clf, x) = setup?;
+    let (t0, mut calls) = (Instant::now(), 0usize);
+    while t0.elapsed().as_secs_f64() < seconds || calls < 10 {
+        clf.classify(x.view())?;
+        calls += 1;
+    }
+    Ok((calls * x.shape()[0]) as f64 / t0.elapsed().as_secs_f64())
 }

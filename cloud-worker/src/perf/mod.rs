@@ -1,10 +1,12 @@
 //! `diredi-cloud-worker perf`: the gateway's performance, side by side with what a user would
-//! pick instead and with the two limits it cannot beat, in one run on one machine.
+//! pick instead and with the limits it cannot beat, in one run on one machine.
 //!
 //! `perf run` measures, in this order:
 //!
 //! 1. **inference limit**: ONNX Runtime batch throughput of the same model in this process,
-//!    no MQTT ([`crate::bench::model_speed`], one thread as the gateway's worker uses);
+//!    no MQTT ([`crate::bench::model_speed`], one thread as the gateway's worker uses); and
+//!    the same with one session per CPU at once ([`crate::bench::parallel_model_speed`]),
+//!    the most inference the machine can do;
 //! 2. **broker limit**: Mosquitto publish → subscribe loopback throughput with the same
 //!    payloads, flat out (the load generator publishes, the harness subscribes);
 //! 3. every **target**: the Rust gateway on its embedded rumqttd, the Rust gateway on
@@ -374,6 +376,10 @@ pub struct InferenceLimit {
     /// The best windows/s over the batch sizes.
     pub windows_per_second: f64,
     pub batches: Vec<crate::bench::SpeedResult>,
+    /// One session per CPU at once, batch 64: the most inference this machine can do, with
+    /// nothing else running. No gateway running the model in ONNX Runtime on it can deliver
+    /// more.
+    pub every_cpu: crate::bench::ParallelSpeed,
 }
 
 /// Everything one `perf run` measured.
@@ -445,15 +451,21 @@ impl<'a> Ctx<'a> {
     }
 }
 
-/// ONNX Runtime batch throughput of the model in this process, one thread, batch 1 and 64.
+/// ONNX Runtime batch throughput of the model in this process, one thread, batch 1 and 64;
+/// then one such session per CPU at once.
 async fn inference_limit(args: &PerfArgs) -> Result<InferenceLimit> {
     eprintln!("perf: inference limit (ONNX Runtime in-process, 1 thread)");
     let pkg = PackagedModel::read(&args.model)?;
     let secs = args.limit_seconds;
-    let batches =
-        tokio::task::spawn_blocking(move || crate::bench::model_speed(&pkg, &[1, 64], 1, secs))
-            .await
-            .context("inference limit thread")??;
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let (batches, every_cpu) = tokio::task::spawn_blocking(move || -> Result<_> {
+        let batches = crate::bench::model_speed(&pkg, &[1, 64], 1, secs)?;
+        eprintln!("perf: inference on every CPU ({cpus} sessions at once)");
+        let every_cpu = crate::bench::parallel_model_speed(&pkg, cpus, 64, secs)?;
+        Ok((batches, every_cpu))
+    })
+    .await
+    .context("inference limit thread")??;
     Ok(InferenceLimit {
         intra_threads: 1,
         windows_per_second: batches
@@ -461,6 +473,7 @@ async fn inference_limit(args: &PerfArgs) -> Result<InferenceLimit> {
             .map(|b| b.windows_per_second)
             .fold(0.0, f64::max),
         batches,
+        every_cpu,
     })
 }
 
@@ -568,6 +581,12 @@ fn ratios(r: &PerfReport) -> BTreeMap<String, f64> {
                 w / r.inference_limit.windows_per_second,
             );
         }
+        if r.inference_limit.every_cpu.windows_per_second > 0.0 {
+            out.insert(
+                format!("{name}_over_inference_every_cpu"),
+                w / r.inference_limit.every_cpu.windows_per_second,
+            );
+        }
         if let Some(b) = r
             .broker_limit
             .as_ref()
@@ -584,6 +603,12 @@ fn ratios(r: &PerfReport) -> BTreeMap<String, f64> {
             out.insert(
                 "python_over_inference_limit".to_owned(),
                 p / r.inference_limit.windows_per_second,
+            );
+        }
+        if r.inference_limit.every_cpu.windows_per_second > 0.0 {
+            out.insert(
+                "python_over_inference_every_cpu".to_owned(),
+                p / r.inference_limit.every_cpu.windows_per_second,
             );
         }
         if let Some(b) = r

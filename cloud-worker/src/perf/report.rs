@@ -166,6 +166,19 @@ pub fn markdown(r: &PerfReport) -> String {
         il.windows_per_second,
         batches.join(", ")
     );
+    let ec = &il.every_cpu;
+    let _ = writeln!(
+        s,
+        "| inference on every CPU ({} one-thread sessions at once, batch {}, no MQTT) | {:.0} | {} |",
+        ec.sessions,
+        ec.batch,
+        ec.windows_per_second,
+        ec.per_session
+            .iter()
+            .map(|w| format!("{w:.0}/s"))
+            .collect::<Vec<_>>()
+            .join(" + ")
+    );
     if let Some(b) = &r.broker_limit {
         let _ = writeln!(
             s,
@@ -235,7 +248,27 @@ pub fn markdown(r: &PerfReport) -> String {
             .collect::<Vec<_>>()
             .join(", ")
     );
+    if let Some(line) = ten_times_python(r) {
+        let _ = writeln!(s, "\n{line}");
+    }
     s
+}
+
+/// What the issue's "10× the Python gateway" target asks of the machine: that rate, and how
+/// it compares with the model on every CPU at once. `None` without a Python result.
+fn ten_times_python(r: &PerfReport) -> Option<String> {
+    let p = r.ratios.get("python_over_inference_every_cpu")?;
+    Some(format!(
+        "Ten times the Python gateway's throughput is {:.0} windows/s: {:.2}× what the model \
+         does on every CPU at once with nothing else running{}.",
+        10.0 * p * r.inference_limit.every_cpu.windows_per_second,
+        10.0 * p,
+        if 10.0 * p > 1.0 {
+            ", so no gateway running this model in ONNX Runtime can reach it on this machine"
+        } else {
+            ""
+        }
+    ))
 }
 
 /// Latency CDF of every target's load phase, log-scaled latency axis.
@@ -314,4 +347,62 @@ pub fn plot(path: &std::path::Path, r: &PerfReport) -> Result<()> {
         .map_err(|e| err(&e))?;
     root.present().map_err(|e| err(&e))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::bench::ParallelSpeed;
+    use crate::perf::InferenceLimit;
+
+    fn report(ratios: &[(&str, f64)]) -> PerfReport {
+        PerfReport {
+            load_average: [None, None],
+            sensors: 8,
+            format: crate::simulate::PayloadFormat::Binary,
+            samples_per_message: 64,
+            window: 128,
+            stride: 64,
+            gateway_bin: "diredi-gateway".into(),
+            inference_limit: InferenceLimit {
+                intra_threads: 1,
+                windows_per_second: 25_000.0,
+                batches: Vec::new(),
+                every_cpu: ParallelSpeed {
+                    sessions: 2,
+                    batch: 64,
+                    per_session: vec![24_000.0, 24_000.0],
+                    windows_per_second: 48_000.0,
+                },
+            },
+            broker_limit: None,
+            targets: Vec::new(),
+            skipped: BTreeMap::new(),
+            ratios: ratios.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect(),
+        }
+    }
+
+    #[test]
+    fn ten_times_python_is_set_against_every_cpu() {
+        // Python at 6,500 windows/s on a machine doing 48,000: 10x is 65,000, 1.35x of it.
+        let r = report(&[("python_over_inference_every_cpu", 6_500.0 / 48_000.0)]);
+        let line = ten_times_python(&r).unwrap();
+        assert!(line.contains("is 65000 windows/s: 1.35×"), "{line}");
+        assert!(
+            line.ends_with(
+                "so no gateway running this model in ONNX Runtime can reach it on this machine."
+            ),
+            "{line}"
+        );
+        // Within reach: no such claim.
+        let r = report(&[("python_over_inference_every_cpu", 0.05)]);
+        let line = ten_times_python(&r).unwrap();
+        assert!(line.contains("is 24000 windows/s: 0.50×"), "{line}");
+        assert!(!line.contains("no gateway"), "{line}");
+        assert!(markdown(&r).contains(&line));
+        // Without Python, nothing.
+        assert_eq!(ten_times_python(&report(&[])), None);
+    }
 }

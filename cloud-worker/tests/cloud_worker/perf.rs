@@ -128,6 +128,23 @@ fn perf_run_on_a_small_load_writes_well_formed_results_and_loses_no_window() {
     assert!(doc["machine"]["cores"].as_u64().unwrap() >= 1);
     let r = &doc["result"];
     assert!(r["inference_limit"]["windows_per_second"].as_f64().unwrap() > 0.0);
+    // One session per CPU, each measured, and the sum is the machine's.
+    let every = &r["inference_limit"]["every_cpu"];
+    assert_eq!(every["sessions"], doc["machine"]["cores"]);
+    let per: Vec<f64> = every["per_session"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w.as_f64().unwrap())
+        .collect();
+    assert_eq!(per.len() as u64, doc["machine"]["cores"].as_u64().unwrap());
+    assert!(per.iter().all(|w| *w > 0.0), "{per:?}");
+    let sum = every["windows_per_second"].as_f64().unwrap();
+    assert!(
+        (sum - per.iter().sum::<f64>()).abs() < 1e-6 * sum,
+        "{every}"
+    );
+    assert!(h.md.contains("| inference on every CPU ("), "{}", h.md);
     assert!(
         r["broker_limit"].is_null(),
         "--max-seconds 0 skips the broker limit"
@@ -198,6 +215,10 @@ fn perf_run_on_a_small_load_writes_well_formed_results_and_loses_no_window() {
             .unwrap()
             > 0.0
     );
+    let over_every = r["ratios"]["rust_embedded_over_inference_every_cpu"]
+        .as_f64()
+        .unwrap();
+    assert!(over_every > 0.0, "{over_every}");
 
     let md = &h.md;
     assert!(md.contains("| rust-embedded |") && md.contains("| rust-mosquitto |"));
