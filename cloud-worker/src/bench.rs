@@ -25,9 +25,28 @@ pub struct SpeedResult {
     pub ms_per_batch_p99: f64,
 }
 
+/// A session of `model` on `intra_threads` ONNX Runtime threads.
+pub fn session(model: &PackagedModel, intra_threads: usize) -> Result<OrtClassifier> {
+    diredi_infer::init_runtime(None)?;
+    let cfg = SessionConfig {
+        intra_threads,
+        ..SessionConfig::default()
+    };
+    Ok(OrtClassifier::from_bytes(&model.onnx, &cfg)?)
+}
+
+/// `batch` pseudo-random windows for `clf`, after 20 warm-up calls on them.
+pub fn warmed_input(clf: &OrtClassifier, batch: usize) -> Result<Array3<f32>> {
+    let x = pseudo_random_batch(batch, clf.channels(), clf.window());
+    for _ in 0..20 {
+        clf.classify(x.view())?;
+    }
+    Ok(x)
+}
+
 /// `batch` windows of `c` × `t` deterministic pseudo-random values in [-1, 1] (xorshift32):
 /// the same input on every run, so speeds compare.
-pub fn pseudo_random_batch(batch: usize, c: usize, t: usize) -> Array3<f32> {
+fn pseudo_random_batch(batch: usize, c: usize, t: usize) -> Array3<f32> {
     let mut state = 0x2545_f491_u32;
     Array3::from_shape_fn((batch, c, t), |_| {
         state ^= state << 13;
@@ -44,19 +63,10 @@ pub fn model_speed(
     intra_threads: usize,
     seconds: f64,
 ) -> Result<Vec<SpeedResult>> {
-    diredi_infer::init_runtime(None)?;
-    let cfg = SessionConfig {
-        intra_threads,
-        ..SessionConfig::default()
-    };
-    let clf = OrtClassifier::from_bytes(&model.onnx, &cfg)?;
-    let (c, t) = (clf.channels(), clf.window());
+    let clf = session(model, intra_threads)?;
     let mut out = Vec::new();
     for &batch in batches {
-        let x = pseudo_random_batch(batch, c, t);
-        for _ in 0..20 {
-            clf.classify(x.view())?;
-        }
+        let x = warmed_input(&clf, batch)?;
         let mut lat = Vec::new();
         let start = Instant::now();
         while start.elapsed().as_secs_f64() < seconds || lat.len() < 50 {
@@ -105,7 +115,6 @@ pub fn parallel_model_speed(
     batch: usize,
     seconds: f64,
 ) -> Result<ParallelSpeed> {
-    diredi_infer::init_runtime(None)?;
     let sessions = sessions.max(1);
     let start = std::sync::Barrier::new(sessions);
     let per_session = std::thread::scope(|s| {
@@ -135,21 +144,10 @@ fn one_session(
     seconds: f64,
     start: &std::sync::Barrier,
 ) -> Result<f64> {
-    let setup = (|| -> Result<_> {
-        let cfg = SessionConfig {
-            intra_threads: 1,
-            ..SessionConfig::default()
-        };
-        let clf = OrtClassifier::from_bytes(&model.onnx, &cfg)?;
-        let x = pseudo_random_batch(batch.max(1), clf.channels(), clf.window());
-        for _ in 0..20 {
-            clf.classify(x.view())?;
-        }
-        Ok((clf, x))
-    })();
+    let setup = session(model, 1).and_then(|clf| Ok((warmed_input(&clf, batch.max(1))?, clf)));
     // Every thread reaches the barrier, also one whose setup failed, so none waits forever.
     start.wait();
-    let (clf, x) = setup?;
+    let (x, clf) = setup?;
     let (t0, mut calls) = (Instant::now(), 0usize);
     while t0.elapsed().as_secs_f64() < seconds || calls < 10 {
         clf.classify(x.view())?;

@@ -569,57 +569,34 @@ fn ratios(r: &PerfReport) -> BTreeMap<String, f64> {
     let mut out = BTreeMap::new();
     let find = |t: Target| r.targets.iter().find(|x| x.target == t).map(throughput);
     let python = find(Target::PythonMosquitto);
-    for rust in [Target::RustEmbedded, Target::RustMosquitto] {
-        let Some(w) = find(rust) else { continue };
-        let name = rust.name().replace('-', "_");
-        if let Some(p) = python.filter(|p| *p > 0.0) {
+    let limits = [
+        ("inference_limit", r.inference_limit.windows_per_second),
+        (
+            "inference_every_cpu",
+            r.inference_limit.every_cpu.windows_per_second,
+        ),
+        (
+            "broker_limit",
+            r.broker_limit
+                .as_ref()
+                .map_or(0.0, |b| b.windows_per_second),
+        ),
+    ];
+    let rust: Vec<(String, f64)> = [Target::RustEmbedded, Target::RustMosquitto]
+        .into_iter()
+        .filter_map(|t| Some((t.name().replace('-', "_"), find(t)?)))
+        .collect();
+    if let Some(p) = python.filter(|p| *p > 0.0) {
+        for (name, w) in &rust {
             out.insert(format!("{name}_over_python"), w / p);
         }
-        if r.inference_limit.windows_per_second > 0.0 {
-            out.insert(
-                format!("{name}_over_inference_limit"),
-                w / r.inference_limit.windows_per_second,
-            );
-        }
-        if r.inference_limit.every_cpu.windows_per_second > 0.0 {
-            out.insert(
-                format!("{name}_over_inference_every_cpu"),
-                w / r.inference_limit.every_cpu.windows_per_second,
-            );
-        }
-        if let Some(b) = r
-            .broker_limit
-            .as_ref()
-            .filter(|b| b.windows_per_second > 0.0)
-        {
-            out.insert(
-                format!("{name}_over_broker_limit"),
-                w / b.windows_per_second,
-            );
-        }
     }
-    if let Some(p) = python {
-        if r.inference_limit.windows_per_second > 0.0 {
-            out.insert(
-                "python_over_inference_limit".to_owned(),
-                p / r.inference_limit.windows_per_second,
-            );
-        }
-        if r.inference_limit.every_cpu.windows_per_second > 0.0 {
-            out.insert(
-                "python_over_inference_every_cpu".to_owned(),
-                p / r.inference_limit.every_cpu.windows_per_second,
-            );
-        }
-        if let Some(b) = r
-            .broker_limit
-            .as_ref()
-            .filter(|b| b.windows_per_second > 0.0)
-        {
-            out.insert(
-                "python_over_broker_limit".to_owned(),
-                p / b.windows_per_second,
-            );
+    for (name, w) in rust
+        .into_iter()
+        .chain(python.map(|p| ("python".to_owned(), p)))
+    {
+        for (limit, l) in limits.iter().filter(|(_, l)| *l > 0.0) {
+            out.insert(format!("{name}_over_{limit}"), w / l);
         }
     }
     out

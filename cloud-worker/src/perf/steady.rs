@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use diredi_infer::{Classifier, OrtClassifier, SessionConfig};
+use diredi_infer::Classifier;
 use serde::Serialize;
 use serde_json::json;
 
@@ -128,12 +128,8 @@ pub fn summarise(buckets: &[Bucket], slow: f64, bucket_ms: u64) -> Summary {
 /// Runs the model back to back and returns the buckets.
 fn measure(args: &SteadyArgs) -> Result<Vec<Bucket>> {
     let pkg = PackagedModel::read(&args.model)?;
-    diredi_infer::init_runtime(None)?;
-    let clf = OrtClassifier::from_bytes(&pkg.onnx, &SessionConfig::default())?;
-    let x = crate::bench::pseudo_random_batch(args.batch.max(1), clf.channels(), clf.window());
-    for _ in 0..20 {
-        clf.classify(x.view())?;
-    }
+    let clf = crate::bench::session(&pkg, 1)?;
+    let x = crate::bench::warmed_input(&clf, args.batch.max(1))?;
     let bucket_ms = args.bucket_ms.max(1);
     let bucket = Duration::from_millis(bucket_ms);
     let (mut out, mut calls, mut busy) = (Vec::new(), 0u32, Duration::ZERO);
